@@ -1,0 +1,272 @@
+"""The ``sentlink`` command. Objects are built here and passed down; nothing below is global."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn
+
+import click
+
+from sentlink import __version__, sysexits
+from sentlink.config import default_config_path, load_config
+from sentlink.config.models import AccountConfig, Config
+from sentlink.errors import ConfigError, SentlinkError
+from sentlink.logsetup import setup_logging
+
+
+@dataclass(frozen=True)
+class Context:
+    config_path: Path
+    verbose: bool
+
+    def load(self) -> Config:
+        try:
+            config = load_config(self.config_path)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                click.echo(problem, err=True)
+            raise SystemExit(sysexits.CONFIG) from None
+        except OSError as exc:
+            click.echo(f"{self.config_path}: {exc.strerror}", err=True)
+            raise SystemExit(sysexits.CONFIG) from None
+        setup_logging(config.log.level, self.verbose)
+        return config
+
+
+def fail(message: str, code: int) -> NoReturn:
+    click.echo(f"sentlink: {message}", err=True)
+    raise SystemExit(code)
+
+
+class SysexitsGroup(click.Group):
+    """Usage errors exit 64 (EX_USAGE), as sysexits tools do, not click's 2."""
+
+    def main(self, *args: object, **kwargs: object) -> NoReturn:
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)  # type: ignore[call-overload]
+        except click.exceptions.Abort:
+            click.echo("Aborted!", err=True)
+            raise SystemExit(sysexits.TEMPFAIL) from None
+        except click.UsageError as exc:
+            exc.show()
+            raise SystemExit(sysexits.USAGE) from None
+        except click.ClickException as exc:
+            exc.show()
+            raise SystemExit(sysexits.USAGE) from None
+        raise SystemExit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=SysexitsGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Configuration file. Default: $SENTLINK_CONFIG, else /etc/sentlink/sentlink.yaml.",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
+@click.version_option(__version__, prog_name="sentlink")
+@click.pass_context
+def cli(ctx: click.Context, config_path: Path | None, verbose: bool) -> None:
+    """File every sent message in the sender's Sent folder and link mail to CRM records.
+
+    sentlink runs beside Postfix or Sendmail: a milter captures outbound mail (with the Bcc
+    recipients only the envelope knows) into the sender's Maildir Sent folder, and a watcher links
+    each filed message to the CRM contacts and leads it was sent to.
+
+    Exit codes follow sysexits(3): 0 ok, 64 usage, 65 bad data, 75 temporary failure, 78 bad
+    configuration.
+    """
+    ctx.obj = Context(config_path or default_config_path(os.environ), verbose)
+
+
+@cli.command("check-config")
+@click.pass_obj
+def check_config(obj: Context) -> None:
+    """Validate the configuration file.
+
+    Prints every problem as FILE:LINE:COL: message and exits 78 (EX_CONFIG), or exits 0.
+    """
+    obj.load()
+    click.echo(f"{obj.config_path}: ok")
+
+
+@cli.command()
+@click.pass_obj
+def serve(obj: Context) -> None:
+    """Run every configured component until SIGTERM or SIGINT.
+
+    The milter runs when the file has a milter: section; a watcher over each account's Sent
+    folder always runs, linking what lands there (startup reconcile, then events and a rescan
+    every watch.rescan_seconds).
+    """
+    from sentlink.serve import serve as run_serve
+
+    raise SystemExit(run_serve(obj.load(), with_milter=True))
+
+
+@cli.command("milter")
+@click.pass_obj
+def milter_command(obj: Context) -> None:
+    """Run only the milter (no watcher: nothing is linked until a watcher or reindex runs)."""
+    from sentlink.serve import serve as run_serve
+
+    config = obj.load()
+    if config.milter is None:
+        fail(f"{obj.config_path}: no milter: section", sysexits.CONFIG)
+    raise SystemExit(run_serve(config, with_milter=True, with_watcher=False))
+
+
+@cli.command()
+@click.pass_obj
+def watch(obj: Context) -> None:
+    """Run only the watcher over each account's Sent folder."""
+    from sentlink.serve import serve as run_serve
+
+    raise SystemExit(run_serve(obj.load(), with_milter=False))
+
+
+def _select_accounts(config: Config, names: tuple[str, ...]) -> list[AccountConfig]:
+    known = {a.name: a for a in config.accounts}
+    for name in names:
+        if name not in known:
+            fail(f"unknown account {name!r}", sysexits.USAGE)
+    return [known[n] for n in names] if names else list(config.accounts)
+
+
+@contextmanager
+def _store(config: Config) -> Iterator[object]:
+    from sentlink.store import open_store
+
+    try:
+        store = open_store(config.store.url)
+    except SentlinkError as exc:
+        fail(f"store {config.store.url}: {exc}", sysexits.TEMPFAIL)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+@cli.command()
+@click.option("-a", "--account", "accounts", multiple=True, help="Only this account (repeatable).")
+@click.option("--full", is_flag=True, help="Forget the accounts' indexed messages first.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@click.pass_obj
+def reindex(obj: Context, accounts: tuple[str, ...], full: bool, as_json: bool) -> None:
+    """Rebuild the index from the Maildirs: link every message file not yet indexed.
+
+    The Maildir is the durable queue, so this is always safe to run, also beside serve.
+    """
+    from sentlink.linker import Linker
+    from sentlink.store import Store
+    from sentlink.watch.scan import count_files, scan_folders, sent_folders
+
+    config = obj.load()
+    refs = sent_folders(_select_accounts(config, accounts))
+    with _store(config) as raw:
+        store: Store = raw  # type: ignore[assignment]
+        if full:
+            for ref in refs:
+                store.forget_account(ref.account.name)
+        linker = Linker(store, config)
+        total = count_files(refs)
+        with click.progressbar(
+            length=total, label="reindex", file=sys.stderr, show_pos=True
+        ) as bar:
+            summary = scan_folders(refs, store, linker, progress=bar.update)
+    if as_json:
+        click.echo(json.dumps(summary.as_dict()))
+    else:
+        click.echo(
+            f"{summary.seen} new files: {summary.linked} linked, {summary.skipped} skipped, "
+            f"{summary.failed} failed"
+        )
+    if summary.failed:
+        raise SystemExit(sysexits.TEMPFAIL)
+
+
+@cli.group()
+def crm() -> None:
+    """CRM records (contacts and leads) that mail is linked to."""
+
+
+@crm.command("import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@click.pass_obj
+def crm_import(obj: Context, file: Path, as_json: bool) -> None:
+    """Import contacts and leads from a CSV or vCard (.vcf) file, updating existing ones.
+
+    CSV needs the header kind,id,name,email (kind is contact or lead), one row per address;
+    rows with the same kind and id are one record. Bad rows are reported as FILE:LINE: message
+    and skipped; the exit code is then 65 (EX_DATAERR).
+    """
+    from sentlink.crm_import import import_records
+    from sentlink.store import Store
+
+    config = obj.load()
+    with _store(config) as raw:
+        store: Store = raw  # type: ignore[assignment]
+        size = file.stat().st_size
+        with click.progressbar(length=size, label="import", file=sys.stderr) as bar:
+            summary = import_records(file, store, progress=bar.update)
+    for error in summary.errors:
+        click.echo(error, err=True)
+    if as_json:
+        click.echo(json.dumps(summary.as_dict()))
+    else:
+        click.echo(f"{summary.records} records, {summary.addresses} addresses imported")
+    if summary.errors:
+        raise SystemExit(sysexits.DATAERR)
+
+
+@cli.command()
+@click.option("-a", "--account", default=None, help="Only links of this account.")
+@click.option("-e", "--email", default=None, help="Only links to this address.")
+@click.option("-r", "--record", default=None, metavar="KIND:ID", help="Only this record.")
+@click.option("-m", "--message-id", default=None, help="Only this Message-ID.")
+@click.option("--json", "as_json", is_flag=True, help="JSON Lines, one link per line.")
+@click.pass_obj
+def links(
+    obj: Context,
+    account: str | None,
+    email: str | None,
+    record: str | None,
+    message_id: str | None,
+    as_json: bool,
+) -> None:
+    """Show links between messages and CRM records.
+
+    JSON Lines members: account, direction, message_id, subject, date, folder, file,
+    record {kind, id, name, email}, role, via. Members are only ever added.
+    """
+    from sentlink.links_query import format_table, iter_links
+    from sentlink.store import Store
+
+    rec: tuple[str, str] | None = None
+    if record is not None:
+        kind, sep, rid = record.partition(":")
+        if not sep or kind not in ("contact", "lead") or not rid:
+            fail("--record takes KIND:ID with KIND contact or lead", sysexits.USAGE)
+        rec = (kind, rid)
+    config = obj.load()
+    with _store(config) as raw:
+        store: Store = raw  # type: ignore[assignment]
+        rows = iter_links(store, account=account, email=email, record=rec, message_id=message_id)
+        if as_json:
+            for row in rows:
+                click.echo(json.dumps(row, ensure_ascii=False))
+        else:
+            click.echo(format_table(list(rows)), nl=False)
+
+
+def main() -> None:
+    cli(prog_name="sentlink")

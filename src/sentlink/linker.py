@@ -1,0 +1,366 @@
+"""Message file -> participants -> privacy filters -> matching records -> links in the store.
+
+Rules (docs/design.md, "Linking"):
+
+- Headers only, read once and size-capped. Sent mail: To/Cc/Bcc (roles to/cc/bcc); received
+  mail: From/Cc (roles from/cc). An address appearing twice keeps its first role.
+- Any ambiguous mailbox in those fields (``a@x)<b@y>``) links nothing: status ``ambiguous``.
+- Excluded participants: the account's own addresses, internal domains (and their subdomains),
+  ``crm.never_log`` (an address, or ``@domain`` covering its subdomains too: privacy errs on the
+  side of not logging). No participant left outside the company -> ``internal-only``.
+- A private marker (``crm.private.header`` with a value other than empty/0/no/false/off, or
+  ``crm.private.subject_tag`` in the Subject, case-insensitively) links nothing.
+- Records are matched by normalized address (plus the ``+tag``-stripped form when
+  ``crm.strip_plus_tags``); ``contact-first`` applies per address. A record is linked once per
+  message, through its first participant address.
+- Thread continuity: records linked to a message named in In-Reply-To/References (same
+  account) are linked too, ``via: thread``, unless one of their addresses is a participant (the
+  address rules above already decided for it, exclusions and contact-first included). Such a
+  link has role ``to`` (sent) or ``from`` (received) and the record's first address that is not
+  excluded.
+- Every message read gets a store row, with or without links (skipped and ambiguous ones too),
+  so a rescan does not parse it again; ``sentlink reindex --full`` re-reads everything.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC
+from email.errors import HeaderParseError
+from email.header import decode_header, make_header
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Literal
+
+from sentlink.addresses import (
+    AmbiguousAddressError,
+    address_domain,
+    normalize_address,
+    normalize_domain,
+    parse_mailboxes,
+)
+from sentlink.config.models import AccountConfig, Config
+from sentlink.headers import DEFAULT_MAX_HEADER_BYTES, HeaderBlock, read_headers
+from sentlink.maildir.names import split_uniq
+from sentlink.model import Direction, Link, MessageInfo, Participant, Record, Role, Via
+from sentlink.store import Store
+
+log = logging.getLogger("sentlink.linker")
+
+LinkStatus = Literal["linked", "already", "skipped", "ambiguous", "error"]
+
+_ROLE_FIELDS: dict[Direction, tuple[tuple[Role, str], ...]] = {
+    "sent": (("to", "To"), ("cc", "Cc"), ("bcc", "Bcc")),
+    "received": (("from", "From"), ("cc", "Cc")),
+}
+_THREAD_ROLE: dict[Direction, Role] = {"sent": "to", "received": "from"}
+_MSG_ID = re.compile(r"<([^<>]+)>")
+_SURROGATES = re.compile("[\udc80-\udcff]")
+_FALSE_WORDS = frozenset({"", "0", "no", "false", "off"})
+# References can list a whole long thread; the newest ids are the ones that matter.
+_MAX_REFERENCES = 50
+
+
+@dataclass(frozen=True)
+class LinkResult:
+    status: LinkStatus
+    reason: str = ""
+    links: int = 0
+    message_id: str = ""
+
+
+class Linker:
+    """Links message files of the configured accounts to CRM records in ``store``."""
+
+    def __init__(self, store: Store, config: Config) -> None:
+        self._store = store
+        crm = config.crm
+        self._strip_plus = crm.strip_plus_tags
+        self._contact_first = crm.multiple_match == "contact-first"
+        self._private_header = crm.private.header
+        self._private_tag = crm.private.subject_tag.casefold()
+        self._max_header_bytes = (
+            config.milter.max_header_bytes if config.milter else DEFAULT_MAX_HEADER_BYTES
+        )
+        self._internal = frozenset(_domain_or_none(d) or d.lower() for d in config.internal_domains)
+        never_addresses: set[str] = set()
+        never_domains: set[str] = set()
+        for entry in crm.never_log:
+            if entry.startswith("@"):
+                never_domains.add(_domain_or_none(entry[1:]) or entry[1:].lower())
+            else:
+                never_addresses.update(self._forms(entry))
+        self._never_addresses = frozenset(never_addresses)
+        self._never_domains = frozenset(never_domains)
+        self._own = {
+            account.name: frozenset(f for a in account.addresses for f in self._forms(a))
+            for account in config.accounts
+        }
+
+    # entry point
+
+    def link_file(
+        self, account: AccountConfig, folder: str, path: Path, direction: Direction
+    ) -> LinkResult:
+        """Index one message file. Raises FileNotFoundError when it vanished (renamed by a
+        client meanwhile: the rescan sees it under its new name) and StoreError when the store
+        fails; an unreadable file gives status ``error``."""
+        uniq = split_uniq(path.name)
+        file = _relative(path, account.maildir)
+        location = self._store.message_location(account.name, uniq)
+        if location is not None:
+            if location != (folder, file):  # moved between folders or renamed for flags
+                self._store.move_message(account.name, uniq, folder, file)
+            return LinkResult("already", "file already indexed")
+        try:
+            headers = read_headers(path, self._max_header_bytes)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            log.warning("account=%s file=%s cannot read: %s", account.name, file, exc)
+            return LinkResult("error", f"cannot read: {exc.strerror or exc}")
+        info, links, result = self.plan(account, folder, uniq, file, headers, direction)
+        if not self._store.save_message(info, links):
+            return LinkResult("already", "message-id already indexed", 0, info.message_id)
+        if result.status == "linked":
+            log.info(
+                "account=%s message_id=%s linked records=%d file=%s",
+                account.name,
+                info.message_id,
+                len(links),
+                file,
+            )
+        else:
+            log.debug(
+                "account=%s message_id=%s %s: %s",
+                account.name,
+                info.message_id,
+                result.status,
+                result.reason,
+            )
+        return result
+
+    def plan(
+        self,
+        account: AccountConfig,
+        folder: str,
+        uniq: str,
+        file: str,
+        headers: HeaderBlock,
+        direction: Direction,
+    ) -> tuple[MessageInfo, list[Link], LinkResult]:
+        """What to store for a message: its row, its links and the outcome (no side effects)."""
+        message_id = _message_id(headers.get("Message-ID"))
+        subject = _decode_words(headers.get("Subject"))
+        private = self._is_private(headers, subject)
+        refs = _references(headers)
+        base = MessageInfo(
+            account=account.name,
+            folder=folder,
+            uniq=uniq,
+            file=file,
+            direction=direction,
+            message_id=message_id,
+            subject=subject,
+            date=_iso_date(headers.get("Date")),
+            participants=(),
+            in_reply_to=refs,
+            private=private,
+        )
+
+        def outcome(status: LinkStatus, reason: str, links: Sequence[Link] = ()) -> LinkResult:
+            return LinkResult(status, reason, len(links), message_id)
+
+        if private:
+            return base, [], outcome("skipped", "private")
+        try:
+            participants = self._participants(headers, direction)
+        except AmbiguousAddressError as exc:
+            log.warning(
+                "account=%s message_id=%s file=%s ambiguous address, linking nothing: %s",
+                account.name,
+                message_id,
+                file,
+                exc,
+            )
+            return base, [], outcome("ambiguous", str(exc))
+        info = replace(base, participants=tuple(participants))
+        if not participants:
+            return info, [], outcome("skipped", "no-participants")
+        own = self._own.get(account.name, frozenset())
+        external = [p for p in participants if not self._is_internal(p.email, own)]
+        if not external:
+            return info, [], outcome("skipped", "internal-only")
+        candidates = [p for p in external if not self._is_never_log(p.email)]
+        if not candidates:
+            return info, [], outcome("skipped", "never-log")
+
+        links: list[Link] = []
+        linked: set[tuple[str, str]] = set()
+        for participant in candidates:
+            for record in self._match(participant.email):
+                if (record.kind, record.id) not in linked:
+                    linked.add((record.kind, record.id))
+                    links.append(
+                        self._link(info, record, participant.email, participant.role, "address")
+                    )
+        if refs:
+            participant_emails = {f for p in participants for f in self._forms(p.email)}
+            for record in self._store.linked_records_for_message_ids(account.name, refs):
+                if (record.kind, record.id) in linked:
+                    continue
+                if any(e in participant_emails for e in record.emails):
+                    continue
+                email = next((e for e in record.emails if not self._excluded(e, own)), None)
+                if email is None:
+                    continue
+                linked.add((record.kind, record.id))
+                links.append(self._link(info, record, email, _THREAD_ROLE[direction], "thread"))
+        if not links:
+            return info, [], outcome("skipped", "no-match")
+        return info, links, outcome("linked", "", links)
+
+    # participants and filters
+
+    def _participants(self, headers: HeaderBlock, direction: Direction) -> list[Participant]:
+        participants: list[Participant] = []
+        seen: set[str] = set()
+        for role, field in _ROLE_FIELDS[direction]:
+            for value in headers.get_all(field):
+                try:
+                    mailboxes = parse_mailboxes(value)
+                    emails = [(name, normalize_address(addr)) for name, addr in mailboxes]
+                except AmbiguousAddressError as exc:
+                    raise AmbiguousAddressError(f"{field}: {exc}") from None
+                for name, email in emails:
+                    if email not in seen:
+                        seen.add(email)
+                        participants.append(Participant(email, role, name))
+        return participants
+
+    def _is_private(self, headers: HeaderBlock, subject: str) -> bool:
+        if self._private_header:
+            for value in headers.get_all(self._private_header):
+                if value.strip().lower() not in _FALSE_WORDS:
+                    return True
+        return bool(self._private_tag) and self._private_tag in subject.casefold()
+
+    def _forms(self, addr: str) -> tuple[str, ...]:
+        """The normalized address, and its ``+tag``-stripped form when configured."""
+        try:
+            full = normalize_address(addr)
+        except AmbiguousAddressError:
+            return ()
+        if not self._strip_plus:
+            return (full,)
+        stripped = normalize_address(full, strip_plus=True)
+        return (full,) if stripped == full else (full, stripped)
+
+    def _is_internal(self, email: str, own: frozenset[str]) -> bool:
+        if any(f in own for f in self._forms(email)):
+            return True
+        return _in_domains(address_domain(email), self._internal)
+
+    def _is_never_log(self, email: str) -> bool:
+        if any(f in self._never_addresses for f in self._forms(email)):
+            return True
+        return _in_domains(address_domain(email), self._never_domains)
+
+    def _excluded(self, email: str, own: frozenset[str]) -> bool:
+        return self._is_internal(email, own) or self._is_never_log(email)
+
+    def _match(self, email: str) -> list[Record]:
+        found: dict[tuple[str, str], Record] = {}
+        for form in self._forms(email):
+            for record in self._store.records_by_email(form):
+                found.setdefault((record.kind, record.id), record)
+        records = list(found.values())
+        if self._contact_first:
+            contacts = [r for r in records if r.kind == "contact"]
+            return contacts or records
+        return records
+
+    @staticmethod
+    def _link(info: MessageInfo, record: Record, email: str, role: Role, via: Via) -> Link:
+        return Link(
+            account=info.account,
+            message_id=info.message_id,
+            record=record,
+            email=email,
+            role=role,
+            via=via,
+            direction=info.direction,
+        )
+
+
+def _in_domains(domain: str, domains: frozenset[str]) -> bool:
+    """``domain`` is one of ``domains`` or a subdomain of one."""
+    if not domains:
+        return False
+    labels = domain.split(".")
+    return any(".".join(labels[i:]) in domains for i in range(len(labels)))
+
+
+def _domain_or_none(domain: str) -> str | None:
+    try:
+        return normalize_domain(domain)
+    except AmbiguousAddressError:
+        return None
+
+
+def _message_id(value: str) -> str:
+    """The id inside ``<...>`` compared exactly (RFC 5322 section 3.6.4); a bare token as is."""
+    match = _MSG_ID.search(value)
+    if match:
+        return match.group(1).strip()
+    token = value.strip()
+    return token if token and not any(c.isspace() for c in token) else ""
+
+
+def _references(headers: HeaderBlock) -> tuple[str, ...]:
+    """Ids from In-Reply-To, then References (newest first), without repeats."""
+    ids: dict[str, None] = {}
+    for value in headers.get_all("In-Reply-To"):
+        ids.update((m.strip(), None) for m in _MSG_ID.findall(value))
+    references = [m.strip() for v in headers.get_all("References") for m in _MSG_ID.findall(v)]
+    ids.update((m, None) for m in reversed(references[-_MAX_REFERENCES:]))
+    ids.pop("", None)
+    return tuple(ids)
+
+
+def _decode_words(value: str) -> str:
+    """RFC 2047 encoded words decoded; undecodable bytes shown as U+FFFD."""
+    try:
+        text = str(make_header(decode_header(value)))
+    except (HeaderParseError, LookupError, UnicodeError, ValueError):
+        text = value
+    return _SURROGATES.sub("\ufffd", text)
+
+
+def _iso_date(value: str) -> str:
+    """ISO 8601 of the Date header, "" when missing or invalid. ``-0000`` (RFC 5322 section
+    3.3: UTC, local offset unknown) gives a UTC time."""
+    if not value:
+        return ""
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return ""
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.isoformat()
+
+
+def _relative(path: Path, root: Path) -> str:
+    """The file name relative to the account's Maildir root, as the links query shows it."""
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        pass
+    try:
+        return str(path.resolve().relative_to(root.resolve()))
+    except (ValueError, OSError):
+        return str(path)

@@ -1,0 +1,14 @@
+"""Logging to stderr (journald picks it up) in key=value lines."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+
+def setup_logging(level: str, verbose: bool = False) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else getattr(logging, level.upper(), logging.INFO))
