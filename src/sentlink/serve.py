@@ -35,7 +35,7 @@ class MilterThread:
 
         try:
             run_milter(self._config, self._stop, counters=self._counters, secret=self._secret)
-        except BaseException as exc:  # noqa: BLE001 - reported to the main thread
+        except BaseException as exc:  # reported to the main thread
             self.error = exc
             log.error("milter failed: %s", exc)
 

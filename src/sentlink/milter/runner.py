@@ -131,7 +131,7 @@ def run_milter(
     deps = deps_from_config(
         milter_config,
         accounts=accounts if accounts is not None else Accounts(config.accounts),
-        writer=writer if writer is not None else SentCopyWriter(secret, socket.getfqdn()),
+        writer=writer if writer is not None else SentCopyWriter(secret, _hostname()),
         secret=secret,
         counters=counters if counters is not None else Counters(),
     )
@@ -167,7 +167,10 @@ def run_milter(
     waiter = None
     if stop_event is not None:
         waiter = threading.Thread(
-            target=_stop_when_set, args=(stop_event, finished), name="milter-stop", daemon=True
+            target=_stop_when_set,
+            args=(stop_event, finished, conn),
+            name="milter-stop",
+            daemon=True,
         )
         waiter.start()
     log.info("milter listening on %s", conn)
@@ -182,8 +185,34 @@ def run_milter(
         log.info("milter stopped")
 
 
-def _stop_when_set(stop_event: threading.Event, finished: threading.Event) -> None:
+def _hostname() -> str:
+    """The host part for Message-IDs we create (RFC 5322 3.6.4 asks for a domain name)."""
+    fqdn = socket.getfqdn()
+    return fqdn if "." in fqdn and not fqdn.startswith("localhost") else socket.gethostname()
+
+
+def _stop_when_set(stop_event: threading.Event, finished: threading.Event, conn: str) -> None:
     while not finished.is_set():
         if stop_event.wait(_STOP_POLL_SECONDS):
             stop_milter()
+            _wake_listener(conn)
             return
+
+
+def _wake_listener(conn: str) -> None:
+    """Connect once to our own socket: libmilter's listener looks at the stop flag only when
+    poll() returns, which otherwise takes up to its 5 s timeout."""
+    kind, _, rest = conn.partition(":")
+    try:
+        if kind == "unix":
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(1.0)
+                s.connect(rest)
+        else:
+            port, _, host = rest.partition("@")
+            if host in ("", "0.0.0.0", "::", "[::]"):
+                host = "::1" if kind == "inet6" else "127.0.0.1"
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=1.0):
+                pass
+    except OSError:
+        pass  # stopping anyway, only later

@@ -78,7 +78,7 @@ class Store(Protocol):
         record: tuple[str, str] | None = None,
         message_id: str | None = None,
     ) -> Iterator[LinkRow]:
-        """Links matching every given filter, oldest message first."""
+        """Links matching every given filter, in the order their messages were indexed."""
 
     def forget_missing(
         self, account: str, present_uniqs: Collection[str], folder: str | None = None

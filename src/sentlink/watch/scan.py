@@ -72,10 +72,33 @@ def link_one(linker: Linker, ref: FolderRef, path: Path) -> str:
     except FileNotFoundError:
         # A client renamed it (flag change) or moved it away meanwhile: the rescan sees it again.
         return "vanished"
-    except Exception as exc:  # noqa: BLE001 - one bad file must not stop the watcher
+    except Exception as exc:  # one bad file must not stop the watcher
         log.warning("account=%s file=%s link failed: %s", ref.account.name, path.name, exc)
         return "error"
     return result.status
+
+
+def relative_file(ref: FolderRef, path: Path) -> str:
+    try:
+        return str(path.relative_to(ref.account.maildir))
+    except ValueError:
+        return str(path)
+
+
+def needs_linking(store: Store, ref: FolderRef, path: Path) -> bool:
+    """True for a file the store has not indexed. For one it has, keep its location current.
+
+    Clients rename a message file to change its flags (``:2,S`` -> ``:2,RS``) and move it between
+    folders; the unique name before ``:2,`` stays, so the message is the same one.
+    """
+    uniq = split_uniq(path.name)
+    where = store.message_location(ref.account.name, uniq)
+    if where is None:
+        return True
+    file = relative_file(ref, path)
+    if where != (ref.folder, file):
+        store.move_message(ref.account.name, uniq, ref.folder, file)
+    return False
 
 
 def pending_files(store: Store, ref: FolderRef) -> Iterable[Path]:
@@ -83,7 +106,7 @@ def pending_files(store: Store, ref: FolderRef) -> Iterable[Path]:
     if not ref.path.is_dir():
         return
     for path in list_messages(ref.account.maildir, ref.folder):
-        if not store.has_message(ref.account.name, split_uniq(path.name)):
+        if needs_linking(store, ref, path):
             yield path
 
 

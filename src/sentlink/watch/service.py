@@ -14,9 +14,9 @@ from watchdog.observers import Observer
 
 from sentlink.errors import SentlinkError
 from sentlink.linker import Linker
-from sentlink.maildir import ensure_folder, resolve_owner, split_uniq
+from sentlink.maildir import ensure_folder, resolve_owner
 from sentlink.store import Store
-from sentlink.watch.scan import FolderRef, ScanSummary, link_one, scan_folders
+from sentlink.watch.scan import FolderRef, ScanSummary, link_one, needs_linking, scan_folders
 
 log = logging.getLogger("sentlink.watch")
 
@@ -36,9 +36,9 @@ class _Hints(FileSystemEventHandler):
 
     def _offer(self, raw: str | bytes) -> None:
         path = Path(raw.decode() if isinstance(raw, bytes) else raw)
-        if path.parent.name in ("new", "cur") and path.parent.parent == self._ref.path:
-            if not path.name.startswith("."):
-                self._sink.put((self._ref, path))
+        in_folder = path.parent.name in ("new", "cur") and path.parent.parent == self._ref.path
+        if in_folder and not path.name.startswith("."):
+            self._sink.put((self._ref, path))
 
     def on_created(self, event: FileSystemEvent) -> None:
         if not event.is_directory:
@@ -110,7 +110,11 @@ class FolderWatcher:
 
     def _rescan(self) -> None:
         started = time.monotonic()
-        summary = scan_folders(self._refs, self._store, self._linker)
+        try:
+            summary = scan_folders(self._refs, self._store, self._linker)
+        except Exception as exc:  # e.g. the store is down: retry next time
+            log.error("rescan failed: %s", exc)
+            return
         self.rescans += 1
         self.last_rescan = time.time()
         self.last_summary = summary
@@ -139,7 +143,12 @@ class FolderWatcher:
                 deadline = time.monotonic() + self._rescan_seconds
                 continue
             if isinstance(item, tuple):
-                ref, path = item
-                if not self._store.has_message(ref.account.name, split_uniq(path.name)):
-                    status = link_one(self._linker, ref, path)
-                    log.debug("account=%s file=%s %s", ref.account.name, path.name, status)
+                self._link_hint(*item)
+
+    def _link_hint(self, ref: FolderRef, path: Path) -> None:
+        try:
+            if needs_linking(self._store, ref, path):
+                status = link_one(self._linker, ref, path)
+                log.debug("account=%s file=%s %s", ref.account.name, path.name, status)
+        except Exception as exc:  # the rescan retries; the watcher keeps running
+            log.warning("account=%s file=%s not linked: %s", ref.account.name, path.name, exc)

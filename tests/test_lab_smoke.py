@@ -1,0 +1,176 @@
+"""The lab itself: real Postfix and Dovecot instances behave as the end-to-end tests assume."""
+
+from __future__ import annotations
+
+import poplib
+import smtplib
+import uuid
+from collections.abc import Callable
+
+import pytest
+
+from lab import (
+    DovecotLab,
+    MailLab,
+    PostfixLab,
+    build_message,
+    pid_alive,
+    pids_with_environment,
+    wait_for,
+)
+
+pytestmark = pytest.mark.real
+
+
+def new_message_id() -> str:
+    return f"<{uuid.uuid4().hex}@example.test>"
+
+
+def test_wait_for_returns_the_first_truthy_value_and_names_what_timed_out() -> None:
+    values = iter([0, None, "ready"])
+    assert wait_for(lambda: next(values), timeout=5.0, interval=0.001) == "ready"
+    with pytest.raises(TimeoutError, match="the impossible"):
+        wait_for(lambda: False, timeout=0.05, interval=0.01, what="the impossible")
+
+
+def test_local_recipient_gets_maildir_copy_and_outside_recipients_reach_the_sink(
+    postfix_lab: PostfixLab,
+) -> None:
+    message_id = new_message_id()
+    message = build_message(
+        "alice@example.test", ["bob@example.test", "dave@remote.test"], message_id=message_id
+    )
+    envelope = ["bob@example.test", "dave@remote.test", "hidden@customer.test"]
+
+    queue_id = postfix_lab.send("alice@example.test", envelope, message)
+
+    delivered = postfix_lab.wait_message("bob", message_id)
+    assert b"Subject: lab test" in delivered
+    assert f"id {queue_id}".encode() in delivered  # Postfix's own Received: header
+    (relayed,) = postfix_lab.wait_relayed(message_id)
+    assert relayed.mail_from == "alice@example.test"
+    assert sorted(relayed.rcpts) == ["dave@remote.test", "hidden@customer.test"]
+    assert relayed.headers["Subject"] == "lab test"
+    assert relayed.data.endswith(b"\n\nHello from the lab.\n")
+    postfix_lab.wait_queue_empty()
+
+
+def test_unknown_local_recipient_is_refused(postfix_lab: PostfixLab) -> None:
+    message = build_message("alice@example.test", ["nobody@example.test"])
+    with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+        postfix_lab.send("alice@example.test", ["nobody@example.test"], message)
+    assert refused.value.recipients["nobody@example.test"][0] == 550
+
+
+def test_submission_accepts_sasl_login_of_a_dovecot_user(postfix_lab: PostfixLab) -> None:
+    message_id = new_message_id()
+    message = build_message("alice@example.test", ["dave@remote.test"], message_id=message_id)
+
+    queue_id = postfix_lab.send(
+        "alice@example.test",
+        ["dave@remote.test"],
+        message,
+        port=postfix_lab.submission_port,
+        login="alice@example.test",
+        password="alice-pw",
+    )
+
+    postfix_lab.wait_relayed(message_id)
+    postfix_lab.wait_maillog(
+        rf"postfix/submission/smtpd\[\d+\]: {queue_id}: .*sasl_username=alice@example\.test"
+    )
+
+
+def test_submission_rejects_a_wrong_password_with_535(postfix_lab: PostfixLab) -> None:
+    message = build_message("alice@example.test", ["dave@remote.test"])
+    with pytest.raises(smtplib.SMTPAuthenticationError) as failed:
+        postfix_lab.send(
+            "alice@example.test",
+            ["dave@remote.test"],
+            message,
+            port=postfix_lab.submission_port,
+            login="alice@example.test",
+            password="wrong",
+        )
+    assert failed.value.smtp_code == 535
+
+
+def test_imap_login_sees_delivered_message_in_inbox_and_a_sent_mailbox(
+    postfix_lab: PostfixLab, dovecot_lab: DovecotLab
+) -> None:
+    message_id = new_message_id()
+    message = build_message("alice@example.test", ["carol@example.test"], message_id=message_id)
+    postfix_lab.send("alice@example.test", ["carol@example.test"], message)
+    postfix_lab.wait_message("carol", message_id)
+
+    with dovecot_lab.imap("carol") as imap:
+        _, folders = imap.list()
+        status, _ = imap.select("INBOX", readonly=True)
+        _, found = imap.search(None, "HEADER", "Message-ID", message_id)
+
+    assert status == "OK"
+    assert found[0].split(), "message not found over IMAP"
+    assert any(b"\\Sent" in line and line.endswith(b" Sent") for line in folders)
+
+
+def test_pop3_login_lists_the_inbox(postfix_lab: PostfixLab, dovecot_lab: DovecotLab) -> None:
+    message_id = new_message_id()
+    message = build_message("alice@example.test", ["bob@example.test"], message_id=message_id)
+    postfix_lab.send("alice@example.test", ["bob@example.test"], message)
+    postfix_lab.wait_message("bob", message_id)
+
+    pop = poplib.POP3("127.0.0.1", dovecot_lab.pop3_port, timeout=30)
+    try:
+        pop.user("bob@example.test")
+        pop.pass_("bob-pw")
+        count, _ = pop.stat()
+    finally:
+        pop.quit()
+
+    assert count >= 1
+
+
+def test_dead_milter_socket_still_lets_mail_through(
+    mail_lab_factory: Callable[..., MailLab],
+) -> None:
+    lab = mail_lab_factory(milter="unix:/nonexistent/milter.sock", sasl=False, dovecot_enabled=False)
+    smtp_id, local_id = new_message_id(), new_message_id()
+
+    lab.postfix.send(
+        "bob@remote.test",
+        ["alice@example.test"],
+        build_message("bob@remote.test", ["alice@example.test"], message_id=smtp_id),
+    )
+    lab.postfix.sendmail(  # pickup -> cleanup: the non_smtpd_milters path
+        "alice@example.test",
+        ["alice@example.test"],
+        build_message("alice@example.test", ["alice@example.test"], message_id=local_id),
+    )
+
+    lab.postfix.wait_message("alice", smtp_id)
+    lab.postfix.wait_message("alice", local_id)
+    lab.postfix.wait_maillog(r"connect to Milter service unix:/nonexistent/milter\.sock")
+
+
+def test_stopping_a_lab_leaves_no_server_process_behind(
+    mail_lab_factory: Callable[..., MailLab],
+) -> None:
+    lab = mail_lab_factory()
+    assert lab.dovecot is not None
+    lab.postfix.send(  # leaves smtpd connected to Dovecot's auth service
+        "alice@example.test",
+        ["dave@remote.test"],
+        build_message("alice@example.test", ["dave@remote.test"]),
+        port=lab.postfix.submission_port,
+        login="alice@example.test",
+        password="alice-pw",
+    )
+    postfix_master, dovecot_master = lab.postfix.master_pid(), lab.dovecot.master_pid()
+    assert postfix_master is not None and dovecot_master is not None
+
+    lab.stop()
+
+    assert not pid_alive(postfix_master)
+    assert not pid_alive(dovecot_master)
+    assert pids_with_environment("MAIL_CONFIG", str(lab.postfix.config_dir)) == set()
+    assert lab.postfix.sink.messages() == [] or not lab.postfix.sink.is_running()
