@@ -475,6 +475,9 @@ class SmtpSink:
     def _exited(self) -> bool:
         return self._process is None or self._process.poll() is not None
 
+    def is_running(self) -> bool:
+        return not self._exited()
+
     def stop(self) -> None:
         process, self._process = self._process, None
         if process is None or process.poll() is not None:
@@ -982,6 +985,13 @@ service pop3-login {{
   }}
   inet_listener pop3s {{
     port = 0
+  }}
+}}
+# Dovecot's auth penalty (anvil): after a failed login every login from that IP waits 2-15 s.
+# Without this socket auth runs with no penalty (Dovecot documents mode = 0 for that).
+service anvil {{
+  unix_listener anvil-auth-penalty {{
+    mode = 0
   }}
 }}
 # Mail processes run as uid {VMAIL_UID}, outside the dovecot group: let them report stats.

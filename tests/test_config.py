@@ -341,12 +341,17 @@ milter: {outbound: {internal_hosts: ['192.0.2.0/24', '2001:db8::/32', 127.0.0.1]
         ("local:/run/m.sock", MilterSocket("unix", path=Path("/run/m.sock"))),
         ("inet:8891@127.0.0.1", MilterSocket("inet", port=8891, host="127.0.0.1")),
         ("inet6:8891@::1", MilterSocket("inet6", port=8891, host="::1")),
-        ("fd:3", MilterSocket("fd", fd=3)),
     ],
 )
 def test_libmilter_socket_forms_are_accepted(spec: str, expected: MilterSocket) -> None:
     assert parse_listen(spec) == expected
     assert load_config_text(f"milter: {{listen: '{spec}'}}\n", "s.yaml").milter is not None
+
+
+def test_inherited_fd_socket_parses_but_the_milter_refuses_it() -> None:
+    assert parse_listen("fd:3") == MilterSocket("fd", fd=3)
+    with pytest.raises(ConfigError, match="inherited fd"):
+        load_config_text("milter: {listen: 'fd:3'}\n", "s.yaml")
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
 import shutil
 import signal
 import socket
@@ -32,7 +31,7 @@ from Milter import testctx
 from sentlink.accounts import Accounts
 from sentlink.capture import Counters, SentCopyWriter
 from sentlink.config.models import AccountConfig, MilterConfig, OutboundConfig
-from sentlink.milter import MilterDeps, SentlinkMilter, deps_from_config, make_factory
+from sentlink.milter import MilterDeps, deps_from_config, make_factory
 from sentlink.model import Envelope
 from sentlink.trace import TRACE_HEADER, sign
 
@@ -111,13 +110,13 @@ class FakeMta(testctx.TestCtx):  # type: ignore[misc]
         message: bytes,
         mail_from: str,
         rcpts: Iterable[str],
-        envfrom_macros: Macros = {},
-        eom_macros: Macros = {},
+        envfrom_macros: Macros | None = None,
+        eom_macros: Macros | None = None,
         chunks: Iterable[bytes] | None = None,
     ) -> Result:
         self.result = Result()
         priv = self._priv
-        self._macros.update(envfrom_macros)
+        self._macros.update(envfrom_macros or {})
         self._call("envfrom", Milter.M_ENVFROM, priv.envfrom_bytes, f"<{mail_from}>".encode())
         for rcpt in rcpts:
             self._call("envrcpt", Milter.M_ENVRCPT, priv.envrcpt_bytes, f"<{rcpt}>".encode())
@@ -126,9 +125,11 @@ class FakeMta(testctx.TestCtx):  # type: ignore[misc]
             self.result.relayed.append((name, value.decode("utf-8", "surrogateescape")))
             self._call("header", None, priv.header_bytes, name, value)
         self._call("eoh", Milter.M_EOH, priv.eoh)
-        for chunk in chunks if chunks is not None else [body[i : i + 65535] for i in range(0, len(body), 65535)]:
+        if chunks is None:
+            chunks = [body[i : i + 65535] for i in range(0, len(body), 65535)]
+        for chunk in chunks:
             self._call("body", None, priv.body, chunk)
-        self._macros.update(eom_macros)
+        self._macros.update(eom_macros or {})
         self._body = BytesIO()
         self._call("eom", Milter.M_EOM, priv.eom)
         self._body = None
@@ -171,7 +172,8 @@ ALICE_MAIL = b"\r\n".join(
 
 
 def without_message_id(message: bytes) -> bytes:
-    return b"\r\n".join(l for l in message.split(b"\r\n") if not l.startswith(b"Message-ID:"))
+    lines = message.split(b"\r\n")
+    return b"\r\n".join(line for line in lines if not line.startswith(b"Message-ID:"))
 
 
 @dataclass
@@ -180,9 +182,9 @@ class Setup:
     counters: Counters
     accounts: tuple[AccountConfig, ...]
 
-    def mta(self, ip: str = "192.0.2.10", macros: Macros = {}) -> FakeMta:
+    def mta(self, ip: str = "192.0.2.10", macros: Macros | None = None) -> FakeMta:
         mta = FakeMta()
-        mta.connect(ip, macros)
+        mta.connect(ip, macros or {})
         return mta
 
     def sent_files(self, account: str = "alice") -> list[Path]:
@@ -354,7 +356,7 @@ def test_forged_trace_header_is_removed_from_inbound_mail(setup: Setup) -> None:
             b"To: alice@example.test",
             b"Message-ID: <in1@ext.test>",
             f"{TRACE_HEADER}: {valid}".encode(),
-            f"x-sentlink-trace: v=1; garbage".encode(),
+            b"x-sentlink-trace: v=1; garbage",
             b"",
             b"hi",
         ]
@@ -663,3 +665,15 @@ def test_real_libmilter_socket_captures_and_stops_on_request(tmp_path: Path) -> 
     assert proc.returncode == 0, err
     assert "7QUEUE: captured account=alice" in err
     assert not sock.exists()
+
+
+def test_sender_address_matches_its_account_whatever_the_case(setup: Setup) -> None:
+    mta = setup.mta(macros={"{daemon_name}": "ORIGINATING"})
+    mta.message(ALICE_MAIL, "A.Smith@EXAMPLE.test", ["bob@ext.test"], {"i": "1A"})
+    assert len(setup.sent_files("alice")) == 1
+
+
+def test_login_may_send_as_any_address_of_its_own_account(setup: Setup) -> None:
+    mta = setup.mta()
+    mta.message(ALICE_MAIL, "a.smith@example.test", ["bob@ext.test"], AUTH_ALICE)
+    assert len(setup.sent_files("alice")) == 1 and setup.sent_files("bob") == []

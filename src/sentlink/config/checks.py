@@ -142,7 +142,9 @@ class _Checker:
     def milter(self, milter: MilterConfig) -> None:
         at = ("milter",)
         try:
-            parse_listen(milter.listen)
+            if parse_listen(milter.listen).family == "fd":
+                # libmilter opens its own listening socket (smfi_setconn); it cannot adopt one.
+                self.fail((*at, "listen"), "the milter cannot listen on an inherited fd: socket")
         except ValueError as error:
             self.fail((*at, "listen"), str(error))
         if not _SOCKET_MODE.fullmatch(milter.socket_mode):

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 MILTER_NAME = "sentlink"
 _STOP_POLL_SECONDS = 0.2
+_STOP_WAKE_INTERVAL = 0.05
+_STOP_WAKE_LIMIT_SECONDS = 6.0  # past libmilter's poll timeout the stop gets through anyway
 
 
 def libmilter_conn(listen: str) -> tuple[str, Path | None]:
@@ -155,14 +157,27 @@ def run_milter(
         unknown=lambda ctx, cmd: ctx.getpriv().unknown(cmd),
         negotiate=Milter.negotiate_callback,
     )
-    milter.opensocket(True)
-    if path is not None:
-        # Before main(): Postfix's unprivileged smtpd/cleanup must be able to connect from the
-        # first message on.
-        os.chmod(path, mode)
-        if gid is not None:
-            os.chown(path, -1, gid)
+    try:
+        milter.opensocket(True)
+    except milter.error as exc:
+        raise SentlinkError(f"milter cannot listen on {conn}: {exc}") from None
+    try:
+        if path is not None:
+            # Before main(): Postfix's unprivileged smtpd/cleanup must be able to connect from
+            # the first message on.
+            os.chmod(path, mode)
+            if gid is not None:
+                os.chown(path, -1, gid)
+        _serve(conn, stop_event)
+    finally:
+        if path is not None:
+            path.unlink(missing_ok=True)
+        log.info("milter stopped")
 
+
+def _serve(conn: str, stop_event: threading.Event | None) -> None:
+    if stop_event is not None and stop_event.is_set():
+        return
     finished = threading.Event()
     waiter = None
     if stop_event is not None:
@@ -176,13 +191,14 @@ def run_milter(
     log.info("milter listening on %s", conn)
     try:
         milter.main()
+    except milter.error:
+        # smfi_main() fails when the stop came before it started listening.
+        if stop_event is None or not stop_event.is_set():
+            raise
     finally:
         finished.set()
         if waiter is not None:
             waiter.join()
-        if path is not None:
-            path.unlink(missing_ok=True)
-        log.info("milter stopped")
 
 
 def _hostname() -> str:
@@ -194,14 +210,29 @@ def _hostname() -> str:
 def _stop_when_set(stop_event: threading.Event, finished: threading.Event, conn: str) -> None:
     while not finished.is_set():
         if stop_event.wait(_STOP_POLL_SECONDS):
-            stop_milter()
-            _wake_listener(conn)
+            _stop_promptly(finished, conn)
             return
 
 
+def _stop_promptly(finished: threading.Event, conn: str) -> None:
+    """smfi_stop(), without waiting out libmilter's 5 s listener poll.
+
+    smfi_stop() needs the listener's mutex, which the listener holds while it polls; a
+    connection to our own socket ends that poll and makes it let go. Connect until the stop
+    got through (the listener may take the mutex back first).
+    """
+    stopper = threading.Thread(target=stop_milter, name="milter-stop-call", daemon=True)
+    stopper.start()
+    for _ in range(int(_STOP_WAKE_LIMIT_SECONDS / _STOP_WAKE_INTERVAL)):
+        stopper.join(_STOP_WAKE_INTERVAL)
+        if not stopper.is_alive() or finished.is_set():
+            break
+        _wake_listener(conn)
+    stopper.join()
+
+
 def _wake_listener(conn: str) -> None:
-    """Connect once to our own socket: libmilter's listener looks at the stop flag only when
-    poll() returns, which otherwise takes up to its 5 s timeout."""
+    """Connect once to our own socket (and hang up): it wakes libmilter's listener."""
     kind, _, rest = conn.partition(":")
     try:
         if kind == "unix":
