@@ -9,13 +9,16 @@ nothing may skip: the missing piece fails the test instead.
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from lab import DovecotLab, MailLab, PostfixLab, missing_binaries, wait_for
+from lab import DovecotLab, MailLab, PostfixLab, make_lab_dir, missing_binaries, wait_for
 
 NOT_ROOT_REASON = "needs root to run private Postfix/Dovecot instances"
 
@@ -67,16 +70,34 @@ def _no_thread_leaks() -> Iterator[None]:
         pytest.fail(f"test leaked threads: {names}", pytrace=False)
 
 
+@pytest.fixture(scope="session")
+def lab_base(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """This session's directory for lab servers, outside pytest's 0700 temporary tree.
+
+    Removed at the end of a session without failures; kept (logs, Maildirs) otherwise.
+    """
+    require_real_servers()
+    base = make_lab_dir(prefix="sentlink-lab-")
+    yield base
+    if request.session.testsfailed == 0:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def lab_tmp_path(lab_base: Path, request: pytest.FixtureRequest) -> Path:
+    """A fresh directory the lab's servers can reach: put milter sockets and Maildirs here."""
+    # Short: unix socket paths below it must stay under 108 bytes.
+    return make_lab_dir(lab_base, prefix=re.sub(r"\W", "", request.node.name)[:16] + "-")
+
+
 @pytest.fixture(scope="module")
-def mail_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MailLab]:
+def mail_lab(lab_base: Path) -> Iterator[MailLab]:
     """Postfix + Dovecot (SASL, IMAP, POP3), no milter, shared by one test module.
 
     Tests share its mailboxes: find messages by Message-ID (``wait_message``/``wait_relayed``)
     rather than by counting.
     """
-    require_real_servers()
-    # A short path: unix socket paths under the lab must stay below 108 bytes.
-    with MailLab(tmp_path_factory.mktemp("lab")) as lab:
+    with MailLab(make_lab_dir(lab_base)) as lab:
         yield lab
 
 
@@ -92,17 +113,16 @@ def dovecot_lab(mail_lab: MailLab) -> DovecotLab:
 
 
 @pytest.fixture
-def mail_lab_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., MailLab]]:
+def mail_lab_factory(lab_tmp_path: Path) -> Iterator[Callable[..., MailLab]]:
     """Start labs with custom settings: ``mail_lab_factory(milter="unix:/x.sock", ...)``.
 
-    Keyword arguments are those of :class:`lab.MailLab` except ``root``.  Every lab started is
-    stopped at teardown, also when the test failed.
+    Keyword arguments are those of :class:`lab.MailLab`; ``root`` defaults to a new directory
+    under ``lab_tmp_path``.  Every lab started is stopped at teardown, also when the test failed.
     """
-    require_real_servers()
     labs: list[MailLab] = []
 
-    def start(**kwargs: Any) -> MailLab:
-        lab = MailLab(tmp_path_factory.mktemp("lab"), **kwargs)
+    def start(root: Path | None = None, **kwargs: Any) -> MailLab:
+        lab = MailLab(root or make_lab_dir(lab_tmp_path), **kwargs)
         labs.append(lab)
         lab.start()
         return lab

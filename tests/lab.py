@@ -17,7 +17,11 @@ Layout under ``root`` (a :class:`MailLab`)::
 
 Local recipients (``@example.test``) are delivered by Postfix virtual(8) into ``vmail``; every other
 domain is relayed to Postfix's ``smtp-sink`` on loopback, which dumps each transaction to a file,
-so a test can read exactly what left the server for both kinds of recipient.
+so a test can read exactly what left the server for both kinds of recipient
+(``PostfixLab.wait_message`` and ``PostfixLab.wait_relayed``).
+
+``root`` must be reachable by the unprivileged server users: create it with :func:`make_lab_dir`
+(pytest's own temporary directories are 0700).
 """
 
 from __future__ import annotations
@@ -50,8 +54,6 @@ VMAIL_UID = 5000
 VMAIL_GID = 5000
 LOCAL_DOMAIN = "example.test"
 LOOPBACK = "127.0.0.1"
-# Outside domains the relay sends to the sink; any other non-local domain goes there too.
-REMOTE_DOMAINS = ("remote.test", "customer.test")
 
 POSTFIX_BINARIES = ("postfix", "postconf", "postqueue", "smtp-sink", "sendmail")
 DOVECOT_BINARIES = ("dovecot", "doveconf")
@@ -80,7 +82,7 @@ def free_port(host: str = LOOPBACK) -> int:
 
 
 def wait_for(
-    predicate: Callable[[], T],
+    predicate: Callable[[], T | None],
     timeout: float = 10.0,
     interval: float = 0.05,
     what: str | None = None,
@@ -110,19 +112,36 @@ def missing_binaries(names: Sequence[str] = REQUIRED_BINARIES) -> list[str]:
     return [name for name in names if find_binary(name) is None]
 
 
-def make_traversable(path: Path) -> None:
-    """Let unprivileged server processes reach ``path`` (add o+x on it and its ancestors).
+def make_lab_dir(parent: Path | None = None, prefix: str = "lab-") -> Path:
+    """Create a fresh directory that unprivileged server processes can traverse (mode 0711).
 
     Postfix's virtual(8) and Dovecot's mail processes run as uid 5000, smtpd and smtp-sink as
-    ``postfix``, Dovecot's auth as ``dovecot``; all of them open absolute paths under the lab.
-    pytest creates its temporary directories 0700, so without this they get EACCES.  Only the
-    search bit is added (no listing), and only where it is missing.
+    ``postfix``, Dovecot's auth as ``dovecot``: all open absolute paths under the lab (and a
+    ``unix:`` milter socket).  Do not use pytest's ``tmp_path`` for this: pytest makes
+    ``/tmp/pytest-of-USER`` 0700 again at the start of every session, also while another
+    session's servers are running there.
     """
-    for directory in (path, *path.parents):
-        mode = directory.stat().st_mode
-        if mode & stat.S_IXOTH:
-            continue
-        directory.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    path.chmod(0o711)
+    return path
+
+
+def unreachable_ancestor(path: Path) -> Path | None:
+    """The first of ``path`` and its ancestors that others may not traverse, if any."""
+    for directory in (*reversed(path.parents), path):
+        if not directory.stat().st_mode & stat.S_IXOTH:
+            return directory
+    return None
+
+
+def _require_reachable(root: Path) -> None:
+    blocked = unreachable_ancestor(root)
+    if blocked is not None:
+        raise LabError(
+            f"{blocked} is not searchable by others (mode "
+            f"{stat.S_IMODE(blocked.stat().st_mode):o}): server processes running as postfix, "
+            f"dovecot and uid {VMAIL_UID} cannot reach {root}; use make_lab_dir()"
+        )
 
 
 def is_listening(port: int, host: str = LOOPBACK) -> bool:
@@ -230,6 +249,20 @@ def pids_with_environment(name: str, value: str) -> set[int]:
         except OSError:
             continue
         if wanted in environ.split(b"\0") and pid_alive(pid):
+            found.add(pid)
+    return found
+
+
+def pids_with_cmdline(fragment: str) -> set[int]:
+    """Living processes whose command line (or process title) contains ``fragment``."""
+    wanted = fragment.encode()
+    found: set[int] = set()
+    for pid in _all_pids():
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if wanted in cmdline and pid_alive(pid):
             found.add(pid)
     return found
 
@@ -572,6 +605,7 @@ class PostfixLab:
         sasl: bool = False,
         extra_main_cf: Mapping[str, str] | None = None,
         submission_options: Mapping[str, str] | None = None,
+        extra_master_cf: str = "",
         vmail: Path | None = None,
     ) -> None:
         self.root = root
@@ -581,6 +615,7 @@ class PostfixLab:
         self.sasl = sasl
         self.extra_main_cf = dict(extra_main_cf or {})
         self.submission_options = dict(submission_options or {})
+        self.extra_master_cf = extra_master_cf
         self.config_dir = root / "postfix" / "etc"
         self.queue_dir = root / "postfix" / "spool"
         self.data_dir = root / "postfix" / "data"
@@ -657,7 +692,10 @@ class PostfixLab:
         return settings
 
     def master_cf(self) -> str:
-        submission = {"syslog_name": "postfix/submission", "milter_macro_daemon_name": "ORIGINATING"}
+        submission = {
+            "syslog_name": "postfix/submission",
+            "milter_macro_daemon_name": "ORIGINATING",
+        }
         if self.sasl:
             submission["smtpd_sasl_auth_enable"] = "yes"
         submission.update(self.submission_options)
@@ -666,19 +704,21 @@ class PostfixLab:
             f"{LOOPBACK}:{self.submission_port} inet n - n - - smtpd",
             *(f"  -o {name}={value}" for name, value in submission.items()),
         ]
-        return "\n".join(lines) + "\n" + _MASTER_SERVICES
+        return "\n".join(lines) + "\n" + _MASTER_SERVICES + self.extra_master_cf
 
     def _write_config(self) -> None:
         postfix = pwd.getpwnam("postfix")
         for directory in (self.config_dir, self.queue_dir, self.data_dir):
             directory.mkdir(parents=True, exist_ok=True)
-        # postfix check wants the config and queue directories root-owned; master.lock and the
-        # TLS/verify caches live in data_directory, which must belong to mail_owner.
+        # Config and queue directories stay root-owned; master.lock and the caches live in
+        # data_directory, which must belong to mail_owner ("master.lock: Permission denied").
         os.chown(self.data_dir, postfix.pw_uid, postfix.pw_gid)
         self.data_dir.chmod(0o700)
         self.vmail.mkdir(parents=True, exist_ok=True)
         os.chown(self.vmail, VMAIL_UID, VMAIL_GID)
         self.vmail.chmod(0o700)
+        for user in self.users:  # so a test can point a config at them before any delivery
+            make_maildir(self.vmail / user.local_part)
         main = "".join(f"{name} = {value}\n" for name, value in self.main_cf().items())
         (self.config_dir / "main.cf").write_text(main, encoding="utf-8")
         (self.config_dir / "master.cf").write_text(self.master_cf(), encoding="utf-8")
@@ -696,7 +736,10 @@ class PostfixLab:
 
     def postfix_command(self, *args: str, timeout: float = 30.0) -> str:
         """Run ``postfix -c CONFIG_DIR ARGS...`` and return its output."""
-        return _run([find_binary("postfix") or "postfix", "-c", str(self.config_dir), *args], timeout=timeout)
+        return _run(
+            [find_binary("postfix") or "postfix", "-c", str(self.config_dir), *args],
+            timeout=timeout,
+        )
 
     def start(self) -> None:
         """Write the configuration, start the sink and Postfix; clean up on any failure."""
@@ -704,7 +747,8 @@ class PostfixLab:
             return
         self._started = True
         try:
-            make_traversable(self.root)
+            self.root.mkdir(parents=True, exist_ok=True)
+            _require_reachable(self.root)
             self._write_config()
             if len(str(self.queue_dir / "private" / "scache")) > _UNIX_PATH_MAX:
                 raise LabError(f"{self.queue_dir}: too long for unix socket paths")
@@ -766,17 +810,28 @@ class PostfixLab:
         password: str | None = None,
         *,
         helo: str = "client.example.test",
+        xclient: Mapping[str, str] | None = None,
         timeout: float = 30.0,
     ) -> str:
         """Submit one message over SMTP and return Postfix's queue id.
 
         ``port`` defaults to the plain smtpd listener; pass ``submission_port`` with ``login``
-        to authenticate.  Raises the usual :mod:`smtplib` errors: ``SMTPAuthenticationError``
+        to authenticate.  ``xclient`` (e.g. ``{"ADDR": "203.0.113.9"}``) makes Postfix treat
+        the session as coming from that client (Postfix XCLIENT_README).
+        Raises the usual :mod:`smtplib` errors: ``SMTPAuthenticationError``
         (535), ``SMTPSenderRefused``, ``SMTPRecipientsRefused`` if any recipient is refused
         (the transaction is then reset), ``SMTPDataError``.
         """
-        with smtplib.SMTP(LOOPBACK, port or self.port, local_hostname=helo, timeout=timeout) as smtp:
+        with smtplib.SMTP(
+            LOOPBACK, port or self.port, local_hostname=helo, timeout=timeout
+        ) as smtp:
             smtp.ehlo()
+            if xclient:
+                attributes = " ".join(f"{name}={value}" for name, value in xclient.items())
+                code, reply = smtp.docmd("XCLIENT", attributes)
+                if code != 220:
+                    raise smtplib.SMTPResponseException(code, reply)
+                smtp.ehlo()  # XCLIENT restarts the session at the greeting
             if login is not None:
                 smtp.login(login, password or "")
             code, reply = smtp.mail(mail_from)
@@ -789,7 +844,7 @@ class PostfixLab:
                     refused[rcpt] = (code, reply)
             if refused:
                 smtp.rset()
-                raise smtplib.SMTPRecipientsRefused(refused)  # type: ignore[arg-type]
+                raise smtplib.SMTPRecipientsRefused(refused)
             code, reply = smtp.data(message)
             if code != 250:
                 raise smtplib.SMTPDataError(code, reply)
@@ -813,7 +868,9 @@ class PostfixLab:
     def wait_maillog(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
         """Wait until a maillog line matches the regular expression ``pattern``."""
         regex = re.compile(pattern, re.MULTILINE)
-        return wait_for(lambda: regex.search(self.maillog_text()), timeout, what=f"maillog /{pattern}/")
+        return wait_for(
+            lambda: regex.search(self.maillog_text()), timeout, what=f"maillog /{pattern}/"
+        )
 
     def mailbox(self, user: str) -> Path:
         """Maildir of a lab user (``"alice"`` or ``"alice@example.test"``)."""
@@ -826,11 +883,12 @@ class PostfixLab:
         self, user: str, count: int, timeout: float = 10.0, folder: str = "INBOX"
     ) -> list[Path]:
         """Wait until the folder holds at least ``count`` messages; return them oldest first."""
-        return wait_for(
-            lambda: (files := self.delivered(user, folder)) if len(files) >= count else None,
-            timeout,
-            what=f"{count} message(s) in {user}'s {folder}",
-        )
+
+        def enough() -> list[Path] | None:
+            files = self.delivered(user, folder)
+            return files if len(files) >= count else None
+
+        return wait_for(enough, timeout, what=f"{count} message(s) in {user}'s {folder}")
 
     def wait_message(
         self, user: str, message_id: str, timeout: float = 10.0, folder: str = "INBOX"
@@ -1017,14 +1075,17 @@ service stats {{
         self.users_file.chmod(0o640)
 
     def _command(self, binary: str, *args: str, timeout: float = 30.0) -> str:
-        return _run([find_binary(binary) or binary, "-c", str(self.config_file), *args], timeout=timeout)
+        return _run(
+            [find_binary(binary) or binary, "-c", str(self.config_file), *args], timeout=timeout
+        )
 
     def start(self) -> None:
         if self._started:
             return
         self._started = True
         try:
-            make_traversable(self.root)
+            self.root.mkdir(parents=True, exist_ok=True)
+            _require_reachable(self.root)
             if self.auth_socket is not None:
                 if len(str(self.auth_socket)) > _UNIX_PATH_MAX:
                     raise LabError(f"{self.auth_socket}: too long for a unix socket path")
@@ -1033,11 +1094,13 @@ service stats {{
             self._write_config()
             self._command("doveconf", "-n")  # syntax check with a readable error
             self._command("dovecot")
-            ready = [lambda: is_listening(self.imap_port), lambda: is_listening(self.pop3_port)]
-            if self.auth_socket is not None:
-                socket_path = self.auth_socket
-                ready.append(socket_path.is_socket)
-            wait_for(lambda: all(check() for check in ready), 10.0, what="Dovecot listeners")
+            auth_socket = self.auth_socket
+
+            def ready() -> bool:
+                listening = is_listening(self.imap_port) and is_listening(self.pop3_port)
+                return listening and (auth_socket is None or auth_socket.is_socket())
+
+            wait_for(ready, 10.0, what="Dovecot listeners")
         except BaseException as exc:
             self.stop()
             if isinstance(exc, TimeoutError | LabError):
@@ -1047,24 +1110,32 @@ service stats {{
     def master_pid(self) -> int | None:
         return read_pidfile(self.base_dir / "master.pid")
 
+    def _our_processes(self) -> set[int]:
+        # The master's command line names our config; children are titled "dovecot-INSTANCE/".
+        pids = pids_with_cmdline(str(self.config_file))
+        pids |= pids_with_cmdline(f"dovecot-{self.instance_name}/")
+        master = self.master_pid()
+        if master is not None:
+            pids |= {master} | descendants(master)
+        return pids
+
     def stop(self) -> None:
         """Stop Dovecot and every process it started."""
         if not self._started:
             return
         self._started = False
+        pids = self._our_processes()
         master = self.master_pid()
-        if master is None:
-            return
-        pids = {master} | descendants(master)
-        # What "dovecot stop" does, minus its wait: that polls with kill(pid, 0), which a zombie
-        # master (reaped late by this host's init) passes, so it always ran into its timeout.
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(master, signal.SIGTERM)
-        with contextlib.suppress(TimeoutError):
-            wait_for(lambda: not pid_alive(master), 10.0, what="Dovecot's master to exit")
+        if master is not None:
+            # What "dovecot stop" does, minus its wait: that polls with kill(pid, 0), which a
+            # zombie master (reaped late by this host's init) passes, so it always timed out.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(master, signal.SIGTERM)
+            with contextlib.suppress(TimeoutError):
+                wait_for(lambda: not pid_alive(master), 10.0, what="Dovecot's master to exit")
         # Children outlive the master while they have clients (auth serving Postfix's smtpd
         # keeps log, anvil and stats busy): they are useless now, end them.
-        terminate(pids | descendants(master), 5.0, "Dovecot")
+        terminate(pids | self._our_processes(), 5.0, "Dovecot")
 
     def log_text(self) -> str:
         try:
@@ -1103,6 +1174,8 @@ class MailLab:
     sasl: bool = True
     dovecot_enabled: bool = True
     extra_main_cf: Mapping[str, str] = field(default_factory=dict)
+    submission_options: Mapping[str, str] = field(default_factory=dict)
+    extra_master_cf: str = ""
     postfix: PostfixLab = field(init=False)
     dovecot: DovecotLab | None = field(init=False)
 
@@ -1116,6 +1189,8 @@ class MailLab:
             milter=self.milter,
             sasl=self.sasl,
             extra_main_cf=self.extra_main_cf,
+            submission_options=self.submission_options,
+            extra_master_cf=self.extra_master_cf,
         )
         self.dovecot = None
         if self.dovecot_enabled:

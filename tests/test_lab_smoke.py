@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import poplib
 import smtplib
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -20,7 +24,17 @@ from lab import (
     wait_for,
 )
 
-pytestmark = pytest.mark.real
+# A throwaway pymilter milter (libmilter keeps global state: one milter per process).
+HEADER_MILTER = """
+import sys, Milter
+class M(Milter.Base):
+    def eom(self):
+        self.addheader("X-Lab-Milter", "daemon_name=%s" % self.getsymval("{daemon_name}"))
+        return Milter.ACCEPT
+Milter.factory = M
+Milter.set_flags(Milter.ADDHDRS)
+Milter.runmilter("labmilter", sys.argv[1], 60)
+"""
 
 
 def new_message_id() -> str:
@@ -34,6 +48,7 @@ def test_wait_for_returns_the_first_truthy_value_and_names_what_timed_out() -> N
         wait_for(lambda: False, timeout=0.05, interval=0.01, what="the impossible")
 
 
+@pytest.mark.real
 def test_local_recipient_gets_maildir_copy_and_outside_recipients_reach_the_sink(
     postfix_lab: PostfixLab,
 ) -> None:
@@ -56,6 +71,7 @@ def test_local_recipient_gets_maildir_copy_and_outside_recipients_reach_the_sink
     postfix_lab.wait_queue_empty()
 
 
+@pytest.mark.real
 def test_unknown_local_recipient_is_refused(postfix_lab: PostfixLab) -> None:
     message = build_message("alice@example.test", ["nobody@example.test"])
     with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
@@ -63,6 +79,24 @@ def test_unknown_local_recipient_is_refused(postfix_lab: PostfixLab) -> None:
     assert refused.value.recipients["nobody@example.test"][0] == 550
 
 
+@pytest.mark.real
+def test_xclient_client_outside_mynetworks_may_deliver_locally_but_not_relay(
+    postfix_lab: PostfixLab,
+) -> None:
+    outside = {"ADDR": "203.0.113.9", "NAME": "[UNAVAILABLE]"}
+    message_id = new_message_id()
+    message = build_message("eve@remote.test", ["alice@example.test"], message_id=message_id)
+
+    with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+        postfix_lab.send("eve@remote.test", ["dave@remote.test"], message, xclient=outside)
+    postfix_lab.send("eve@remote.test", ["alice@example.test"], message, xclient=outside)
+
+    assert refused.value.recipients["dave@remote.test"][0] == 554
+    delivered = postfix_lab.wait_message("alice", message_id)
+    assert b"[203.0.113.9]" in delivered  # Postfix's Received: names the XCLIENT address
+
+
+@pytest.mark.real
 def test_submission_accepts_sasl_login_of_a_dovecot_user(postfix_lab: PostfixLab) -> None:
     message_id = new_message_id()
     message = build_message("alice@example.test", ["dave@remote.test"], message_id=message_id)
@@ -82,6 +116,7 @@ def test_submission_accepts_sasl_login_of_a_dovecot_user(postfix_lab: PostfixLab
     )
 
 
+@pytest.mark.real
 def test_submission_rejects_a_wrong_password_with_535(postfix_lab: PostfixLab) -> None:
     message = build_message("alice@example.test", ["dave@remote.test"])
     with pytest.raises(smtplib.SMTPAuthenticationError) as failed:
@@ -96,6 +131,7 @@ def test_submission_rejects_a_wrong_password_with_535(postfix_lab: PostfixLab) -
     assert failed.value.smtp_code == 535
 
 
+@pytest.mark.real
 def test_imap_login_sees_delivered_message_in_inbox_and_a_sent_mailbox(
     postfix_lab: PostfixLab, dovecot_lab: DovecotLab
 ) -> None:
@@ -111,9 +147,13 @@ def test_imap_login_sees_delivered_message_in_inbox_and_a_sent_mailbox(
 
     assert status == "OK"
     assert found[0].split(), "message not found over IMAP"
-    assert any(b"\\Sent" in line and line.endswith(b" Sent") for line in folders)
+    assert any(
+        isinstance(line, bytes) and b"\\Sent" in line and line.endswith(b" Sent")
+        for line in folders
+    )
 
 
+@pytest.mark.real
 def test_pop3_login_lists_the_inbox(postfix_lab: PostfixLab, dovecot_lab: DovecotLab) -> None:
     message_id = new_message_id()
     message = build_message("alice@example.test", ["bob@example.test"], message_id=message_id)
@@ -131,10 +171,13 @@ def test_pop3_login_lists_the_inbox(postfix_lab: PostfixLab, dovecot_lab: Doveco
     assert count >= 1
 
 
+@pytest.mark.real
 def test_dead_milter_socket_still_lets_mail_through(
     mail_lab_factory: Callable[..., MailLab],
 ) -> None:
-    lab = mail_lab_factory(milter="unix:/nonexistent/milter.sock", sasl=False, dovecot_enabled=False)
+    lab = mail_lab_factory(
+        milter="unix:/nonexistent/milter.sock", sasl=False, dovecot_enabled=False
+    )
     smtp_id, local_id = new_message_id(), new_message_id()
 
     lab.postfix.send(
@@ -153,6 +196,7 @@ def test_dead_milter_socket_still_lets_mail_through(
     lab.postfix.wait_maillog(r"connect to Milter service unix:/nonexistent/milter\.sock")
 
 
+@pytest.mark.real
 def test_stopping_a_lab_leaves_no_server_process_behind(
     mail_lab_factory: Callable[..., MailLab],
 ) -> None:
@@ -176,3 +220,35 @@ def test_stopping_a_lab_leaves_no_server_process_behind(
     assert [pid for pid in servers if pid_alive(pid)] == []
     assert pids_with_environment("MAIL_CONFIG", str(lab.postfix.config_dir)) == set()
     assert not lab.postfix.sink.is_running()
+
+
+@pytest.mark.real
+def test_live_milter_on_a_unix_socket_sees_submission_as_originating(
+    lab_tmp_path: Path, mail_lab_factory: Callable[..., MailLab]
+) -> None:
+    # Not "milter.py": a script of that name would shadow pymilter's C module "milter".
+    script, socket_path = lab_tmp_path / "header_filter.py", lab_tmp_path / "filter.sock"
+    script.write_text(HEADER_MILTER, encoding="utf-8")
+    milter = subprocess.Popen([sys.executable, str(script), f"unix:{socket_path}"])
+    try:
+        wait_for(
+            lambda: socket_path.exists() or milter.poll() is not None,
+            timeout=10.0,
+            what="the milter socket",
+        )
+        assert milter.poll() is None, "the milter exited"
+        os.chmod(socket_path, 0o666)  # smtpd and cleanup connect as the postfix user
+        lab = mail_lab_factory(milter=f"unix:{socket_path}", sasl=False, dovecot_enabled=False)
+        message_id = new_message_id()
+        lab.postfix.send(
+            "alice@example.test",
+            ["dave@remote.test"],
+            build_message("alice@example.test", ["dave@remote.test"], message_id=message_id),
+            port=lab.postfix.submission_port,
+        )
+        (relayed,) = lab.postfix.wait_relayed(message_id)
+    finally:
+        milter.kill()  # stateless; libmilter takes seconds to honour SIGTERM
+        milter.wait(timeout=10.0)
+
+    assert relayed.headers["X-Lab-Milter"] == "daemon_name=ORIGINATING"

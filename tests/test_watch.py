@@ -21,7 +21,7 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError("condition not met within %.1fs" % timeout)
+            raise AssertionError(f"condition not met within {timeout:.1f}s")
         time.sleep(0.02)
 
 

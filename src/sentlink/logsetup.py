@@ -12,3 +12,5 @@ def setup_logging(level: str, verbose: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else getattr(logging, level.upper(), logging.INFO))
+    # One line per inotify event is noise even when debugging sentlink itself.
+    logging.getLogger("watchdog").setLevel(max(root.level, logging.INFO))
