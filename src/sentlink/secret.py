@@ -56,7 +56,9 @@ def _create(path: Path) -> None:
     link(2) fails with EEXIST when another process created the secret meanwhile, and then
     that one wins and is read by the caller.
     """
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # The file is 0600; its directory (./var by default) may also hold the milter socket, which
+    # Postfix's unprivileged smtpd must reach, so it is not made 0700.
+    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     content = secrets.token_hex(_NEW_SECRET_BYTES).encode("ascii") + b"\n"
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)

@@ -65,6 +65,31 @@ def _group_id(group: str) -> int:
         raise ConfigError([f"milter.socket_group: no such group: {group!r}"]) from None
 
 
+def warn_if_unreachable(path: Path, gid: int | None) -> None:
+    """Warn when a directory above the socket keeps the MTA's unprivileged user out.
+
+    Postfix connects as the ``postfix`` user (smtpd, cleanup): every directory on the way needs
+    search permission for it, through "other" bits or the socket group's bits.
+    """
+    for directory in path.resolve().parents:
+        try:
+            st = directory.stat()
+        except OSError:
+            return
+        searchable = st.st_mode & stat.S_IXOTH or (
+            gid is not None and st.st_gid == gid and st.st_mode & stat.S_IXGRP
+        )
+        if not searchable:
+            log.warning(
+                "milter socket %s: directory %s (mode %04o) is not searchable by other users; "
+                "Postfix's smtpd/cleanup may fail to connect (Permission denied)",
+                path,
+                directory,
+                stat.S_IMODE(st.st_mode),
+            )
+            return
+
+
 def remove_stale_socket(path: Path) -> None:
     """Remove a socket left by a previous run; refuse to touch a live one or a non-socket."""
     try:
@@ -168,6 +193,7 @@ def run_milter(
             os.chmod(path, mode)
             if gid is not None:
                 os.chown(path, -1, gid)
+            warn_if_unreachable(path, gid)
         _serve(conn, stop_event)
     finally:
         if path is not None:
