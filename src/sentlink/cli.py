@@ -38,6 +38,10 @@ class Context:
         setup_logging(config.log.level, self.verbose)
         return config
 
+    def reload(self) -> Config:
+        """Load the file again for SIGHUP; raises ConfigError instead of exiting."""
+        return load_config(self.config_path)
+
 
 def fail(message: str, code: int) -> NoReturn:
     click.echo(f"sentlink: {message}", err=True)
@@ -109,7 +113,7 @@ def serve(obj: Context) -> None:
     """
     from sentlink.serve import serve as run_serve
 
-    raise SystemExit(run_serve(obj.load(), with_milter=True))
+    raise SystemExit(run_serve(obj.load(), with_milter=True, reload_config=obj.reload))
 
 
 @cli.command("milter")
@@ -121,7 +125,9 @@ def milter_command(obj: Context) -> None:
     config = obj.load()
     if config.milter is None:
         fail(f"{obj.config_path}: no milter: section", sysexits.CONFIG)
-    raise SystemExit(run_serve(config, with_milter=True, with_watcher=False))
+    raise SystemExit(
+        run_serve(config, with_milter=True, with_watcher=False, reload_config=obj.reload)
+    )
 
 
 @cli.command()
@@ -130,7 +136,7 @@ def watch(obj: Context) -> None:
     """Run only the watcher over each account's Sent folder."""
     from sentlink.serve import serve as run_serve
 
-    raise SystemExit(run_serve(obj.load(), with_milter=False))
+    raise SystemExit(run_serve(obj.load(), with_milter=False, reload_config=obj.reload))
 
 
 def _select_accounts(config: Config, names: tuple[str, ...]) -> list[AccountConfig]:

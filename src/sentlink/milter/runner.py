@@ -19,7 +19,7 @@ from sentlink.capture import Counters, SentCopyWriter
 from sentlink.config.listen import parse_listen
 from sentlink.config.models import Config
 from sentlink.errors import ConfigError, SentlinkError
-from sentlink.milter.session import ACTIONS, deps_from_config, make_factory
+from sentlink.milter.session import ACTIONS, DepsHolder, deps_from_config, make_factory
 from sentlink.secret import load_or_create_secret
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,7 @@ def run_milter(
     accounts: Accounts | None = None,
     writer: SentCopyWriter | None = None,
     secret: bytes | None = None,
+    holder: DepsHolder | None = None,
 ) -> None:
     """Serve the milter until stopped (``stop_event`` set, :func:`stop_milter`, or SIGTERM /
     SIGINT / SIGHUP, which libmilter handles itself when this runs in the main thread).
@@ -169,7 +170,9 @@ def run_milter(
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_socket(path)
 
-    Milter.factory = make_factory(deps)
+    if holder is not None:
+        holder.replace(deps)
+    Milter.factory = make_factory(holder if holder is not None else deps)
     Milter.set_flags(ACTIONS)
     # pymilter's default turns an exception escaping a callback into 451; we never block mail.
     Milter.set_exception_policy(Milter.CONTINUE)

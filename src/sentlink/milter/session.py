@@ -102,11 +102,31 @@ class MilterDeps:
     max_header_bytes: int = 1048576
 
 
-def make_factory(deps: MilterDeps) -> Callable[[], SentlinkMilter]:
+class DepsHolder:
+    """The collaborators that new connections get; replaced whole on a reload (SIGHUP).
+
+    A connection keeps the set it started with, so a reload never changes a session midway.
+    """
+
+    def __init__(self, deps: MilterDeps | None = None) -> None:
+        self._deps = deps
+
+    @property
+    def current(self) -> MilterDeps:
+        if self._deps is None:
+            raise RuntimeError("milter collaborators not set yet")
+        return self._deps
+
+    def replace(self, deps: MilterDeps) -> None:
+        self._deps = deps  # one reference assignment: atomic for the connection threads
+
+
+def make_factory(deps: MilterDeps | DepsHolder) -> Callable[[], SentlinkMilter]:
     """The per-connection factory to install as ``Milter.factory``."""
+    holder = deps if isinstance(deps, DepsHolder) else DepsHolder(deps)
 
     def factory() -> SentlinkMilter:
-        return SentlinkMilter(deps)
+        return SentlinkMilter(holder.current)
 
     return factory
 

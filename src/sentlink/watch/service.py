@@ -94,6 +94,9 @@ class FolderWatcher:
         self._worker = threading.Thread(target=self._run, name="sentlink-watch", daemon=True)
         self._worker.start()
 
+    def alive(self) -> bool:
+        return self._worker is not None and self._worker.is_alive()
+
     def request_rescan(self) -> None:
         self._rescan_now.set()
         self._queue.put(None)
