@@ -130,6 +130,53 @@ def milter_command(obj: Context) -> None:
     )
 
 
+@cli.command("postfix-config")
+@click.option(
+    "--queue-directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Postfix's queue_directory. Default: `postconf -h queue_directory`, else "
+    "/var/spool/postfix.",
+)
+@click.pass_obj
+def postfix_config(obj: Context, queue_directory: Path | None) -> None:
+    """Print the main.cf and master.cf lines that connect Postfix to this configuration.
+
+    Milters are named in Postfix's syntax (unix:PATH relative to the queue directory, or
+    inet:HOST:PORT), with default_action=accept so mail flows when sentlink is down. Warns on
+    stderr when a chrooted smtpd could not reach the socket.
+
+    \b
+    Example:
+        sentlink postfix-config >> /tmp/lines && less /tmp/lines
+    """
+    from sentlink.postfix_config import DEFAULT_QUEUE_DIRECTORY, postfix_lines
+
+    config = obj.load()
+    if config.milter is None:
+        fail(f"{obj.config_path}: no milter: section", sysexits.CONFIG)
+    queue = queue_directory or _postconf_queue_directory() or DEFAULT_QUEUE_DIRECTORY
+    lines = postfix_lines(config.milter, queue)
+    for warning in lines.warnings:
+        click.echo(f"sentlink: warning: {warning}", err=True)
+    click.echo(lines.render(), nl=False)
+
+
+def _postconf_queue_directory() -> Path | None:
+    import shutil
+    import subprocess
+
+    postconf = shutil.which("postconf") or "/usr/sbin/postconf"
+    try:
+        out = subprocess.run(
+            [postconf, "-h", "queue_directory"], capture_output=True, text=True, timeout=10
+        )
+    except OSError:
+        return None
+    value = out.stdout.strip()
+    return Path(value) if out.returncode == 0 and value else None
+
+
 @cli.command()
 @click.pass_obj
 def watch(obj: Context) -> None:
