@@ -130,6 +130,68 @@ def milter_command(obj: Context) -> None:
     )
 
 
+@cli.command("config")
+@click.option("--defaults", "which", flag_value="defaults", help="Built-in defaults (postconf -d).")
+@click.option(
+    "--non-default", "which", flag_value="non-default", help="Only what the file changes (-n)."
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object instead of lines.")
+@click.pass_obj
+def config_command(obj: Context, which: str | None, as_json: bool) -> None:
+    """Print the effective configuration as NAME = VALUE lines (like postconf).
+
+    Without options every key is printed with the value in force: the file's, else the default.
+
+    \b
+    Examples:
+        sentlink config --non-default
+        sentlink config --json | jq .milter
+    """
+    from sentlink.config.dump import as_data, non_default, render_json, render_lines
+    from sentlink.config.models import Config
+
+    if which == "defaults":
+        data = as_data(Config())
+    else:
+        config = obj.load()
+        data = non_default(config) if which == "non-default" else as_data(config)
+    click.echo(render_json(data) if as_json else render_lines(data), nl=as_json)
+
+
+@cli.command()
+@click.argument("address")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+@click.pass_obj
+def match(obj: Context, address: str, as_json: bool) -> None:
+    """Show which CRM records ADDRESS would be linked to, and why (or why not).
+
+    Applies the same rules as linking: the accounts' own addresses, internal_domains and
+    crm.never_log exclude an address; crm.strip_plus_tags and crm.multiple_match choose records.
+    Exits 65 (EX_DATAERR) when ADDRESS is not a valid address.
+    """
+    from sentlink.addresses import AmbiguousAddressError, normalize_address
+    from sentlink.linker import Linker
+    from sentlink.store import Store
+
+    config = obj.load()
+    try:
+        normalized = normalize_address(address)
+    except AmbiguousAddressError as exc:
+        fail(f"{address!r}: {exc}", sysexits.DATAERR)
+    with _store(config) as raw:
+        store: Store = raw  # type: ignore[assignment]
+        reason, records = Linker(store, config).explain_address(normalized)
+    if as_json:
+        rows = [
+            {"kind": r.kind, "id": r.id, "name": r.name, "emails": list(r.emails)} for r in records
+        ]
+        click.echo(json.dumps({"address": normalized, "reason": reason, "records": rows}))
+        return
+    click.echo(f"{normalized}: {reason}")
+    for r in records:
+        click.echo(f"  {r.kind}:{r.id}\t{r.name}\t{', '.join(r.emails)}")
+
+
 @cli.command("postfix-config")
 @click.option(
     "--queue-directory",
