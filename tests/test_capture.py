@@ -229,3 +229,21 @@ def test_counters_count_by_event_and_reason_across_threads() -> None:
     assert counters.get("failed", "io") == 4000
     assert counters.total("failed") == 4000
     assert counters.snapshot() == {("failed", "io"): 4000, ("captured", ""): 4000}
+
+
+def test_copy_gets_a_date_when_the_client_sent_none(tmp_path: Path) -> None:
+    from email.utils import parsedate_to_datetime
+
+    account = AccountConfig(name="alice", addresses=("alice@example.test",), maildir=tmp_path / "a")
+    writer = SentCopyWriter(b"k" * 32, "mx.example.test")
+    envelope = Envelope("Q1", "alice@example.test", ("bob@ext.test",))
+    copy = writer.begin(account, envelope, [("From", "alice@example.test")], None)
+    copy.write_body(b"hi\r\n")
+    path = copy.finish()
+    head = path.read_bytes().split(b"\n\n", 1)[0].decode()
+    dates = [line for line in head.splitlines() if line.startswith("Date: ")]
+    assert len(dates) == 1
+    assert parsedate_to_datetime(dates[0][6:]).tzinfo is not None
+    dated = writer.begin(account, envelope, [("Date", "Tue, 14 Nov 2023 22:13:20 +0000")], None)
+    dated.write_body(b"x\r\n")
+    assert dated.finish().read_bytes().count(b"Date: ") == 1

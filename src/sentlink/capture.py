@@ -22,6 +22,8 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
+from email.utils import format_datetime
 from pathlib import Path
 
 from sentlink.addresses import AmbiguousAddressError, normalize_address, parse_mailboxes
@@ -241,6 +243,10 @@ class SentCopyWriter:
                 block += _header_line(name, value)
         if added:
             block += _header_line("Message-ID", added)
+        if not any(n.lower() == "date" for n, _ in headers):
+            # RFC 5322 3.6 requires Date; the MTA adds one to the relayed message (Sendmail
+            # only after the milters), and mail clients sort the Sent folder by it.
+            block += _header_line("Date", format_datetime(datetime.now().astimezone()))
         bcc = bcc_recipients(envelope, headers)
         if bcc:
             block += _fold_list("Bcc", bcc)
