@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= config/sentlink.yaml
 DEB_PACKAGES := postfix libmilter-dev dovecot-imapd dovecot-pop3d dovecot-lmtpd fetchmail \
-                getmail6 swaks miltertest postgresql
+                getmail6 swaks miltertest postgresql groff-base
 
 .PHONY: run test lint typecheck unit venv deb bench clean
 
