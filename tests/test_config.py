@@ -46,15 +46,18 @@ def missing_keys(cls: type, node: CommentedMap, where: str) -> list[str]:
     hints = get_type_hints(cls, globalns=vars(models))
     missing = []
     for f in dataclasses.fields(cls):
-        if f.name not in node:
-            missing.append(f"{where}{f.name}")
+        key = f.metadata.get("key", f.name)  # `if`, `from`, `continue` are Python keywords
+        if key not in node:
+            missing.append(f"{where}{key}")
             continue
         inner = dataclass_of(hints[f.name])
-        value = node[f.name]
+        value = node[key]
         if inner is not None:
             items = value if isinstance(value, list) else [value]
             assert items, f"{where}{f.name}: show at least one example item"
             for item in items:
+                if not isinstance(item, dict):
+                    continue  # a word or null where a section may also stand (auth: none)
                 missing += missing_keys(inner, item, f"{where}{f.name}.")
     return missing
 
@@ -67,6 +70,7 @@ def test_reference_file_loads_with_the_example_account_and_milter() -> None:
             addresses=("alice@example.test", "a.smith@example.test"),
             maildir=Path("var/mail/alice"),
             logins=("alice",),
+            upstream=models.UpstreamConfig(host="smtp.provider.test"),
         ),
     )
     assert config.milter is not None
@@ -83,13 +87,15 @@ def test_reference_file_has_every_model_field_as_a_key() -> None:
 def test_reference_file_shows_the_default_of_every_key_but_the_example() -> None:
     config = load_config(REFERENCE)
     assert config.milter == MilterConfig()
-    example = {"internal_domains", "accounts", "milter"}
+    assert config.metrics == models.MetricsConfig()  # shown enabled, with its defaults
+    example = {"internal_domains", "accounts", "milter", "hooks", "watch", "proxy", "metrics"}
     for f in dataclasses.fields(Config):
         if f.name not in example:
             assert getattr(config, f.name) == getattr(Config(), f.name), f.name
+    assert dataclasses.replace(config.watch, rules=()) == models.WatchConfig()
     account = config.accounts[0]
     for f in dataclasses.fields(AccountConfig):
-        if f.default is not dataclasses.MISSING and f.name != "logins":
+        if f.default is not dataclasses.MISSING and f.name not in ("logins", "upstream"):
             assert getattr(account, f.name) == f.default, f.name
 
 

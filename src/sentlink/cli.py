@@ -126,7 +126,38 @@ def milter_command(obj: Context) -> None:
     if config.milter is None:
         fail(f"{obj.config_path}: no milter: section", sysexits.CONFIG)
     raise SystemExit(
-        run_serve(config, with_milter=True, with_watcher=False, reload_config=obj.reload)
+        run_serve(
+            config,
+            with_milter=True,
+            with_watcher=False,
+            reload_config=obj.reload,
+            with_proxy=False,
+            with_outbox=False,
+        )
+    )
+
+
+@cli.command("proxy")
+@click.pass_obj
+def proxy_command(obj: Context) -> None:
+    """Run only the SMTP proxy (submission or Postfix content filter, per proxy.mode).
+
+    Copies land in the Sent folders; a watcher (serve, watch) or reindex links them.
+    """
+    from sentlink.serve import serve as run_serve
+
+    config = obj.load()
+    if config.proxy is None:
+        fail(f"{obj.config_path}: no proxy: section", sysexits.CONFIG)
+    raise SystemExit(
+        run_serve(
+            config,
+            with_milter=False,
+            with_watcher=False,
+            reload_config=obj.reload,
+            with_proxy=True,
+            with_outbox=False,
+        )
     )
 
 
@@ -240,12 +271,76 @@ def _postconf_queue_directory() -> Path | None:
 
 
 @cli.command()
+@click.option("-a", "--account", "accounts", multiple=True, help="Only this account (repeatable).")
+@click.option("--once", is_flag=True, help="Run one reconcile of the watched folders and exit.")
+@click.option("--dry-run", is_flag=True, help="Print what each new message would get; no changes.")
+@click.option("--json", "as_json", is_flag=True, help="JSON Lines output (see below).")
 @click.pass_obj
-def watch(obj: Context) -> None:
-    """Run only the watcher over each account's Sent folder."""
-    from sentlink.serve import serve as run_serve
+def watch(
+    obj: Context, accounts: tuple[str, ...], once: bool, dry_run: bool, as_json: bool
+) -> None:
+    """Run only the watcher over each account's watch.folders (INBOX and Sent by default).
 
-    raise SystemExit(run_serve(obj.load(), with_milter=False, reload_config=obj.reload))
+    New messages get the watch.rules, self-sent mail in INBOX moves to Sent, duplicate copies in
+    Sent are reduced to one visible copy, and everything is linked. --once runs the startup
+    reconcile only (progress bar on stderr, then a summary); --dry-run prints, per new message,
+    which rules matched and what would happen, and changes nothing. With --json: one object per
+    message for --dry-run (account, folder, file, message_id, reasons, move, flags, link,
+    direction), and the summary as one object (seen, linked, already, skipped, failed, moved,
+    duplicates_removed, duplicates_trashed, by_status). Exit 75 when a file could not be handled.
+    """
+    if not (once or dry_run):
+        if accounts or as_json:
+            fail("-a/--account and --json need --once or --dry-run", sysexits.USAGE)
+        from sentlink.serve import serve as run_serve
+
+        raise SystemExit(
+            run_serve(
+            obj.load(),
+            with_milter=False,
+            reload_config=obj.reload,
+            with_proxy=False,
+            with_outbox=False,
+        )
+        )
+    raise SystemExit(_watch_once(obj.load(), accounts, dry_run, as_json))
+
+
+def _watch_once(config: Config, names: tuple[str, ...], dry_run: bool, as_json: bool) -> int:
+    from sentlink.secret import load_or_create_secret
+    from sentlink.store import Store
+    from sentlink.watch.oneshot import Reconcile
+
+    try:
+        secret = load_or_create_secret(config.site_secret_file)
+    except (SentlinkError, OSError) as exc:
+        fail(f"site secret: {exc}", sysexits.TEMPFAIL)
+    with _store(config) as raw:
+        store: Store = raw  # type: ignore[assignment]
+        with Reconcile(config, _select_accounts(config, names), store, secret) as reconcile:
+            pending = reconcile.pending(record_moves=not dry_run)
+            if dry_run:
+                for plan in reconcile.explain(pending):
+                    line = plan.as_dict()
+                    if as_json:
+                        click.echo(json.dumps(line, ensure_ascii=False))
+                    else:
+                        click.echo(f"{plan.account} {plan.file}: {plan.describe()}")
+                return sysexits.OK
+            total = sum(len(paths) for paths in pending.values())
+            with click.progressbar(
+                length=total, label="reconcile", file=sys.stderr, show_pos=True
+            ) as bar:
+                summary = reconcile.run(pending, progress=bar.update)
+    if as_json:
+        click.echo(json.dumps(summary.as_dict()))
+    else:
+        click.echo(
+            f"{summary.seen} new files: {summary.linked} linked, {summary.moved} moved, "
+            f"{summary.duplicates_removed + summary.duplicates_trashed} duplicates, "
+            f"{summary.skipped} skipped, {summary.failed} failed"
+        )
+    return sysexits.TEMPFAIL if summary.failed else sysexits.OK
 
 
 def _select_accounts(config: Config, names: tuple[str, ...]) -> list[AccountConfig]:
@@ -323,22 +418,35 @@ def crm_import(obj: Context, file: Path, as_json: bool) -> None:
     CSV needs the header kind,id,name,email (kind is contact or lead), one row per address;
     rows with the same kind and id are one record. Bad rows are reported as FILE:LINE: message
     and skipped; the exit code is then 65 (EX_DATAERR).
+
+    With crm.unmatched: review, past messages to addresses that now belong to a record are
+    linked again (JSON member "relinked").
     """
     from sentlink.crm_import import import_records
+    from sentlink.linker import Linker
+    from sentlink.relink import RelinkSummary, relink_known_addresses
     from sentlink.store import Store
 
     config = obj.load()
+    relinked = RelinkSummary(0, 0, 0, 0)
     with _store(config) as raw:
         store: Store = raw  # type: ignore[assignment]
         size = file.stat().st_size
         with click.progressbar(length=size, label="import", file=sys.stderr) as bar:
             summary = import_records(file, store, progress=bar.update)
+        if config.crm.unmatched == "review":
+            relinked = relink_known_addresses(store, Linker(store, config), config)
     for error in summary.errors:
         click.echo(error, err=True)
     if as_json:
-        click.echo(json.dumps(summary.as_dict()))
+        click.echo(json.dumps({**summary.as_dict(), "relinked": relinked.as_dict()}))
     else:
         click.echo(f"{summary.records} records, {summary.addresses} addresses imported")
+        if relinked.messages:
+            click.echo(
+                f"{relinked.messages} past messages linked again "
+                f"({relinked.addresses} addresses now known, {relinked.linked} linked)"
+            )
     if summary.errors:
         raise SystemExit(sysexits.DATAERR)
 
@@ -349,6 +457,11 @@ def crm_import(obj: Context, file: Path, as_json: bool) -> None:
 @click.option("-r", "--record", default=None, metavar="KIND:ID", help="Only this record.")
 @click.option("-m", "--message-id", default=None, help="Only this Message-ID.")
 @click.option("--json", "as_json", is_flag=True, help="JSON Lines, one link per line.")
+@click.option(
+    "--unmatched",
+    is_flag=True,
+    help="Addresses that matched no record (crm.unmatched: review), with counts per account.",
+)
 @click.pass_obj
 def links(
     obj: Context,
@@ -357,14 +470,22 @@ def links(
     record: str | None,
     message_id: str | None,
     as_json: bool,
+    unmatched: bool,
 ) -> None:
     """Show links between messages and CRM records.
 
     JSON Lines members: account, direction, message_id, subject, date, folder, file,
-    record {kind, id, name, email}, role, via. Members are only ever added.
+    record {kind, id, name, email}, role, via. With --unmatched: account, email, messages,
+    first, last. Members are only ever added.
     """
     from sentlink.links_query import format_table, iter_links
     from sentlink.store import Store
+
+    if unmatched:
+        if email is not None or record is not None or message_id is not None:
+            fail("--unmatched takes no --email, --record or --message-id", sysexits.USAGE)
+        _unmatched(obj, account, as_json)
+        return
 
     rec: tuple[str, str] | None = None
     if record is not None:
@@ -381,6 +502,37 @@ def links(
                 click.echo(json.dumps(row, ensure_ascii=False))
         else:
             click.echo(format_table(list(rows)), nl=False)
+
+
+def _unmatched(obj: Context, account: str | None, as_json: bool) -> None:
+    from sentlink.links_query import format_unmatched_table
+    from sentlink.store import Store
+
+    config = obj.load()
+    if config.crm.unmatched != "review":
+        click.echo(
+            f"sentlink: crm.unmatched is {config.crm.unmatched}: addresses are kept for review "
+            "only with crm.unmatched: review",
+            err=True,
+        )
+    with _store(config) as raw:
+        store: Store = raw  # type: ignore[assignment]
+        rows = store.unmatched_addresses(account)
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(row, ensure_ascii=False))
+    else:
+        click.echo(format_unmatched_table(rows), nl=False)
+
+
+def _add_outbox_commands() -> None:
+    from sentlink.outbox_cli import db, outbox, worker
+
+    for command in (worker, outbox, db):
+        cli.add_command(command)
+
+
+_add_outbox_commands()
 
 
 def main() -> None:

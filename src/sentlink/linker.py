@@ -24,6 +24,7 @@ Rules (docs/design.md, "Linking"):
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from collections.abc import Sequence
@@ -43,10 +44,18 @@ from sentlink.addresses import (
     parse_mailboxes,
 )
 from sentlink.config.models import AccountConfig, Config
+from sentlink.events import (
+    EVENT_TYPES,
+    MESSAGE_LINKED,
+    RECORD_CREATED,
+    message_facts,
+    message_linked,
+    record_created,
+)
 from sentlink.headers import DEFAULT_MAX_HEADER_BYTES, HeaderBlock, read_headers
 from sentlink.maildir.names import split_uniq
 from sentlink.model import Direction, Link, MessageInfo, Participant, Record, Role, Via
-from sentlink.store import Store
+from sentlink.store import NewEvent, Store
 
 log = logging.getLogger("sentlink.linker")
 
@@ -70,6 +79,8 @@ class LinkResult:
     reason: str = ""
     links: int = 0
     message_id: str = ""
+    unmatched: tuple[str, ...] = ()  # participant addresses that matched no record
+    new_records: tuple[Record, ...] = ()  # leads created for them (crm.unmatched: create-lead)
 
 
 class Linker:
@@ -95,6 +106,11 @@ class Linker:
                 never_addresses.update(self._forms(entry))
         self._never_addresses = frozenset(never_addresses)
         self._never_domains = frozenset(never_domains)
+        self._unmatched = crm.unmatched
+        # Hooks subscribed to each event type; no hook, no outbox rows (and no extra work).
+        self._subscribers = {
+            kind: tuple(h.name for h in config.hooks if kind in h.events) for kind in EVENT_TYPES
+        }
         self._own = {
             account.name: frozenset(f for a in account.addresses for f in self._forms(a))
             for account in config.accounts
@@ -123,7 +139,14 @@ class Linker:
             log.warning("account=%s file=%s cannot read: %s", account.name, file, exc)
             return LinkResult("error", f"cannot read: {exc.strerror or exc}")
         info, links, result = self.plan(account, folder, uniq, file, headers, direction)
-        if not self._store.save_message(info, links):
+        try:
+            saved = self.save(info, links, result, headers, path)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            log.warning("account=%s file=%s cannot read: %s", account.name, file, exc)
+            return LinkResult("error", f"cannot read: {exc.strerror or exc}")
+        if not saved:
             return LinkResult("already", "message-id already indexed", 0, info.message_id)
         if result.status == "linked":
             log.info(
@@ -142,6 +165,45 @@ class Linker:
                 result.reason,
             )
         return result
+
+    def save(
+        self,
+        info: MessageInfo,
+        links: Sequence[Link],
+        result: LinkResult,
+        headers: HeaderBlock,
+        path: Path,
+    ) -> bool:
+        """Store a plan: the message, its links, the outbox events of the configured hooks,
+        unmatched addresses (crm.unmatched: review) and new leads, in one transaction.
+
+        Returns what ``Store.save_message`` returns. Raises OSError when the file cannot be
+        read for the event's facts (size, attachment names)."""
+        events = self._events(info, links, result, headers, path)
+        unmatched = result.unmatched if self._unmatched == "review" else ()
+        return self._store.save_message(info, links, events, unmatched, result.new_records)
+
+    def _events(
+        self,
+        info: MessageInfo,
+        links: Sequence[Link],
+        result: LinkResult,
+        headers: HeaderBlock,
+        path: Path,
+    ) -> list[NewEvent]:
+        """Outbox events of a linked message: record.created for new leads, then
+        message.linked (the store delivers a record's events in this order)."""
+        if result.status != "linked":
+            return []
+        events = []
+        created_hooks = self._subscribers[RECORD_CREATED]
+        if created_hooks:
+            events += [record_created(r, info, created_hooks) for r in result.new_records]
+        linked_hooks = self._subscribers[MESSAGE_LINKED]
+        if linked_hooks:
+            facts = message_facts(path, _sender(headers))
+            events.append(message_linked(info, links, facts, linked_hooks))
+        return events
 
     def plan(
         self,
@@ -171,8 +233,16 @@ class Linker:
             private=private,
         )
 
-        def outcome(status: LinkStatus, reason: str, links: Sequence[Link] = ()) -> LinkResult:
-            return LinkResult(status, reason, len(links), message_id)
+        def outcome(
+            status: LinkStatus,
+            reason: str,
+            links: Sequence[Link] = (),
+            unmatched: Sequence[str] = (),
+            new_records: Sequence[Record] = (),
+        ) -> LinkResult:
+            return LinkResult(
+                status, reason, len(links), message_id, tuple(unmatched), tuple(new_records)
+            )
 
         if private:
             return base, [], outcome("skipped", "private")
@@ -200,8 +270,12 @@ class Linker:
 
         links: list[Link] = []
         linked: set[tuple[str, str]] = set()
+        unmatched: list[Participant] = []
         for participant in candidates:
-            for record in self._match(participant.email):
+            records = self._match(participant.email)
+            if not records:
+                unmatched.append(participant)
+            for record in records:
                 if (record.kind, record.id) not in linked:
                     linked.add((record.kind, record.id))
                     links.append(
@@ -219,9 +293,17 @@ class Linker:
                     continue
                 linked.add((record.kind, record.id))
                 links.append(self._link(info, record, email, _THREAD_ROLE[direction], "thread"))
+        new_records: list[Record] = []
+        if self._unmatched == "create-lead":
+            for participant in unmatched:
+                lead = _new_lead(participant)
+                new_records.append(lead)
+                links.append(self._link(info, lead, participant.email, participant.role, "address"))
+            unmatched = []
+        emails = [p.email for p in unmatched]
         if not links:
-            return info, [], outcome("skipped", "no-match")
-        return info, links, outcome("linked", "", links)
+            return info, [], outcome("skipped", "no-match", (), emails)
+        return info, links, outcome("linked", "", links, emails, new_records)
 
     # participants and filters
 
@@ -269,6 +351,26 @@ class Linker:
             return True
         return _in_domains(address_domain(email), self._never_domains)
 
+    def explain_address(self, email: str) -> tuple[str, list[Record]]:
+        """Why an address would (not) be linked, and to which records (``sentlink match``)."""
+        for account, own in self._own.items():
+            if any(f in own for f in self._forms(email)):
+                return f"excluded: an address of account {account}", []
+        if _in_domains(address_domain(email), self._internal):
+            return "excluded: internal domain", []
+        if self._is_never_log(email):
+            return "excluded: crm.never_log", []
+        records = self._match(email)
+        if not records:
+            return "no record has this address", []
+        forms = ", ".join(self._forms(email))
+        rule = "contact-first" if self._contact_first else "all"
+        return f"address match on {forms} (multiple_match: {rule})", records
+
+    def matching_records(self, email: str) -> list[Record]:
+        """Records an address links to (normalized forms, ``multiple_match`` applied)."""
+        return self._match(email)
+
     def _excluded(self, email: str, own: frozenset[str]) -> bool:
         return self._is_internal(email, own) or self._is_never_log(email)
 
@@ -294,6 +396,26 @@ class Linker:
             via=via,
             direction=info.direction,
         )
+
+
+def _new_lead(participant: Participant) -> Record:
+    """A local lead for an unmatched address; its id is derived from the address so every node
+    (and every later message) names the same lead."""
+    digest = hashlib.sha256(participant.email.encode("utf-8", "surrogatepass")).hexdigest()
+    name = participant.display_name or participant.email
+    return Record("lead", f"sentlink-{digest[:16]}", name, (participant.email,))
+
+
+def _sender(headers: HeaderBlock) -> Participant | None:
+    """The first From mailbox, or None when there is none or it is ambiguous."""
+    try:
+        mailboxes = parse_mailboxes(headers.get("From"))
+        if not mailboxes:
+            return None
+        name, addr = mailboxes[0]
+        return Participant(normalize_address(addr), "from", name)
+    except AmbiguousAddressError:
+        return None
 
 
 def _in_domains(domain: str, domains: frozenset[str]) -> bool:

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import TextIO
 
 from sentlink.addresses import AmbiguousAddressError, normalize_address
-from sentlink.store import LinkRow, Store
+from sentlink.store import LinkRow, Store, UnmatchedRow
 
 _COLUMNS = ("date", "account", "dir", "record", "email", "role", "via", "subject", "message_id")
 _WIDTHS = {"subject": 40, "record": 30, "message_id": 40}
@@ -73,3 +73,27 @@ def _clip(text: str, width: int | None) -> str:
     if width is None or len(text) <= width:
         return text
     return text[: width - 1] + "…"
+
+
+def format_unmatched_table(rows: Sequence[UnmatchedRow]) -> str:
+    """Addresses kept for review (``crm.unmatched: review``) per account, with their counts."""
+    if not rows:
+        return "no unmatched addresses\n"
+    header = ("ACCOUNT", "EMAIL", "MESSAGES", "FIRST", "LAST")
+    cells = [
+        (r["account"], r["email"], str(r["messages"]), _when(r["first"]), _when(r["last"]))
+        for r in rows
+    ]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
+    lines = [header, *cells]
+    return (
+        "\n".join(
+            "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+            for line in lines
+        )
+        + "\n"
+    )
+
+
+def _when(iso: str) -> str:
+    return iso[:19].replace("T", " ")

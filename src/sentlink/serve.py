@@ -26,7 +26,7 @@ from sentlink.linker import Linker
 from sentlink.sdnotify import Notifier
 from sentlink.secret import load_or_create_secret
 from sentlink.store import Store, open_store
-from sentlink.watch import FolderWatcher, sent_folders
+from sentlink.watch import FolderWatcher, WatchPolicy, watched_folders
 
 log = logging.getLogger("sentlink.serve")
 
@@ -119,16 +119,18 @@ class WatcherComponent:
 
     name = "watcher"
 
-    def __init__(self, config: Config, store: Store) -> None:
+    def __init__(self, config: Config, store: Store, secret: bytes | None = None) -> None:
         self._store = store
+        self._secret = secret
         self._watcher = self._build(config)
 
     def _build(self, config: Config) -> FolderWatcher:
         return FolderWatcher(
-            sent_folders(config.accounts),
+            watched_folders(config),
             self._store,
             Linker(self._store, config),
             config.watch.rescan_seconds,
+            WatchPolicy.from_config(config, self._secret),
         )
 
     @property
@@ -158,13 +160,23 @@ def build_components(
     *,
     with_milter: bool,
     with_watcher: bool,
+    with_proxy: bool = True,
+    with_outbox: bool = True,
 ) -> list[Component]:
     """Every component this configuration asks for, in start order."""
     components: list[Component] = []
+    if with_outbox and config.hooks:
+        from sentlink.outbox import OutboxComponent
+
+        components.append(OutboxComponent(config, store))
     if with_watcher:
-        components.append(WatcherComponent(config, store))
+        components.append(WatcherComponent(config, store, secret))
     if with_milter and config.milter is not None:
         components.append(MilterComponent(config, secret, counters))
+    if with_proxy and config.proxy is not None:
+        from sentlink.proxy.component import ProxyComponent
+
+        components.append(ProxyComponent(config, secret, counters))
     return components
 
 
@@ -173,6 +185,8 @@ def serve(
     with_milter: bool = True,
     with_watcher: bool = True,
     reload_config: Callable[[], Config] | None = None,
+    with_proxy: bool = True,
+    with_outbox: bool = True,
 ) -> int:
     """Run until SIGTERM/SIGINT; returns a sysexits code. ``reload_config`` serves SIGHUP."""
     try:
@@ -198,9 +212,24 @@ def serve(
     previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
     notifier = Notifier(os.environ)
     counters = Counters()
-    components = build_components(
-        config, store, secret, counters, with_milter=with_milter, with_watcher=with_watcher
-    )
+    try:
+        components = build_components(
+            config,
+            store,
+            secret,
+            counters,
+            with_milter=with_milter,
+            with_watcher=with_watcher,
+            with_proxy=with_proxy,
+            with_outbox=with_outbox,
+        )
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error("cannot start: %s", problem)
+        store.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        return sysexits.CONFIG
     code = sysexits.OK
     try:
         for component in components:

@@ -11,8 +11,17 @@ import ipaddress
 import re
 
 from sentlink.config.listen import parse_listen
-from sentlink.config.models import AccountConfig, Config, CrmConfig, MilterConfig
+from sentlink.config.models import (
+    AccountConfig,
+    Config,
+    CrmConfig,
+    HookConfig,
+    MilterConfig,
+    OutboxConfig,
+    WatchRule,
+)
 from sentlink.config.problems import Locations, Problems
+from sentlink.config.proxy_checks import check_proxy
 
 _ACCOUNT_NAME = re.compile(r"[A-Za-z0-9._-]+")
 # A dot-atom local part (RFC 5322 3.4.1), UTF-8 allowed (RFC 6531); quoted local parts are not
@@ -25,6 +34,16 @@ _ADDRESS_RE = re.compile(rf"{_ATOM}(?:\.{_ATOM})*@{_DOMAIN_RE.pattern}")
 # RFC 5322 2.2: a field name is printable US-ASCII except the colon.
 _FIELD_NAME = re.compile(r"[!-9;-~]+")
 _SOCKET_MODE = re.compile(r"0?[0-7]{3}")
+
+
+def parse_host_port(value: str) -> tuple[str, int] | None:
+    """``HOST:PORT`` or ``[V6]:PORT`` as (host, port), or None when it is not that."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
 
 
 def is_domain(value: str) -> bool:
@@ -61,9 +80,38 @@ class _Checker:
         self.accounts(config.accounts)
         if config.milter is not None:
             self.milter(config.milter)
+        if config.metrics is not None and parse_host_port(config.metrics.listen) is None:
+            self.fail(("metrics", "listen"), "expected HOST:PORT, e.g. 127.0.0.1:9469")
         self.crm(config.crm)
+        check_proxy(config, self.fail)
         if config.watch.rescan_seconds <= 0:
             self.fail(("watch", "rescan_seconds"), "must be a positive number of seconds")
+        self.watch_rules(config.watch.rules)
+        if config.self_sent.require == "dkim":
+            self.fail(("self_sent", "require"), "dkim is not supported yet (use none or trace)")
+        self.hooks(config.hooks)
+        self.outbox(config.outbox, config.hooks)
+
+    def watch_rules(self, rules: tuple[WatchRule, ...]) -> None:
+        for i, rule in enumerate(rules):
+            at = ("watch", "rules", i)
+            cond = rule.when
+            tests: list[tuple[str, str | None, str]] = [
+                ("header", name, rx) for name, rx in cond.header.items()
+            ]
+            for key in ("from", "to", "cc", "subject", "any_recipient"):
+                rx = getattr(cond, "from_" if key == "from" else key)
+                if rx is not None:
+                    tests.append((key, None, rx))
+            for key, name, rx in tests:
+                try:
+                    re.compile(rx)
+                except re.error as exc:
+                    where = (*at, "if", key) if name is None else (*at, "if", key, name)
+                    self.fail(where, f"invalid regex: {exc}")
+            for j, flag in enumerate(rule.then.flag):
+                if not (len(flag) == 1 and flag.isascii() and flag.isalpha()):
+                    self.fail((*at, "then", "flag", j), f"'{flag}' is not a Maildir flag letter")
 
     def store_url(self, url: str) -> None:
         # The URL is not echoed: a postgresql:// URL may carry a password.
@@ -181,6 +229,60 @@ class _Checker:
         header = crm.private.header
         if header and not _FIELD_NAME.fullmatch(header):
             self.fail(("crm", "private", "header"), f"'{header}' is not a header field name")
+
+    def hooks(self, hooks: tuple[HookConfig, ...]) -> None:
+        first: dict[str, int] = {}
+        for i, hook in enumerate(hooks):
+            at = ("hooks", i)
+            if not _ACCOUNT_NAME.fullmatch(hook.name):
+                self.fail(
+                    (*at, "name"),
+                    f"'{hook.name}' is not a hook name (letters, digits, '.', '_', '-')",
+                )
+            if hook.name in first:
+                self.fail(
+                    (*at, "name"),
+                    f"hook '{hook.name}' is defined twice "
+                    f"(first at line {self.line_of(('hooks', first[hook.name]))})",
+                )
+            first.setdefault(hook.name, i)
+            for j, event in enumerate(hook.events):
+                if event not in _EVENT_TYPES:
+                    self.fail((*at, "events", j), f"unknown event type '{event}'")
+            if hook.timeout <= 0:
+                self.fail((*at, "timeout"), "must be a positive number of seconds")
+            for key in _HOOK_REQUIRED.get(hook.type, ()):
+                if getattr(hook, key) is None:
+                    self.fail(at, f"a {hook.type} hook needs '{key}'")
+            if hook.url is not None and not hook.url.startswith(("https://", "http://")):
+                self.fail((*at, "url"), "must be an http:// or https:// URL")
+
+    def outbox(self, outbox: OutboxConfig, hooks: tuple[HookConfig, ...]) -> None:
+        if not outbox.backoff_seconds or any(s < 0 for s in outbox.backoff_seconds):
+            self.fail(("outbox", "backoff_seconds"), "must be a non-empty list of seconds >= 0")
+        for key in ("dead_letter_seconds", "lease_seconds", "batch", "poll_seconds"):
+            if getattr(outbox, key) <= 0:
+                self.fail(("outbox", key), "must be a positive number")
+        longest = max((h.timeout for h in hooks), default=0)
+        if outbox.lease_seconds <= longest:
+            self.fail(
+                ("outbox", "lease_seconds"),
+                f"must exceed the longest hook timeout ({longest} s), or events are sent twice",
+            )
+
+
+_EVENT_TYPES = frozenset({"message.linked", "record.created"})
+_HOOK_REQUIRED: dict[str, tuple[str, ...]] = {
+    "webhook": ("url", "secret_file"),
+    "command": ("path",),
+    "zoho-crm": (
+        "api_domain",
+        "accounts_url",
+        "client_id_file",
+        "client_secret_file",
+        "refresh_token_file",
+    ),
+}
 
 
 def _normalized(config: Config) -> Config:

@@ -1,8 +1,9 @@
 """Turn a round-trip YAML tree into frozen config dataclasses, driven by their type hints.
 
 Nothing here knows a config key: the field names and hints of ``sentlink.config.models`` are the
-schema. Supported hints: nested dataclasses, ``tuple[X, ...]``, ``X | None``, ``Literal[...]``,
-``bool``, ``int``, ``str`` and ``Path``. A value that does not fit is reported with its position
+schema. Supported hints: nested dataclasses, ``tuple[X, ...]``, ``dict[str, X]``, ``X | None``,
+``Literal[...]``, ``bool``, ``int``, ``str`` and ``Path``. A field whose key is a Python keyword
+names its key in ``metadata={"key": ...}``. A value that does not fit is reported with its position
 and replaced by the field's default, so one pass finds every problem in the file.
 
 YAML 1.2 (what ruamel.yaml reads) has no ``yes``/``no`` booleans and reads ``0660`` as the
@@ -131,6 +132,8 @@ class ModelBuilder:
             return self._optional(hint, node, mark, path)
         if origin is tuple:
             return self._tuple(hint, node, mark, path)
+        if origin is dict:
+            return self._dict(hint, node, mark, path)
         if origin is Literal:
             return self._literal(hint, node, mark)
         if hint is bool:
@@ -151,7 +154,7 @@ class ModelBuilder:
         if not isinstance(node, CommentedMap):
             return self._wrong(mark, "a mapping", node)
         hints = self._hints_of(cls)
-        fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+        fields = {yaml_key(f): f for f in dataclasses.fields(cls) if f.init}
         values: dict[str, object] = {}
         complete = True
         for key in node:
@@ -162,11 +165,13 @@ class ModelBuilder:
             if key not in fields:
                 self._unknown_key(node, key, mark, list(fields))
                 continue
-            value = self._convert(hints[key], node[key], value_mark(node, key, mark), (*path, key))
+            f = fields[key]
+            here = value_mark(node, key, mark)
+            value = self._convert(hints[f.name], node[key], here, (*path, key))
             if isinstance(value, _Missing):
-                complete = complete and _has_default(fields[key])
+                complete = complete and _has_default(f)
             else:
-                values[key] = value
+                values[f.name] = value
         start = node_mark(node, mark)
         for name, f in fields.items():
             if name not in node and not _has_default(f):
@@ -183,6 +188,12 @@ class ModelBuilder:
 
     def _optional(self, hint: Any, node: object, mark: Mark, path: ModelPath) -> object:
         args = [a for a in get_args(hint) if a is not type(None)]
+        if len(args) == 2 and len(get_args(hint)) == 2 and get_origin(args[0]) is Literal:
+            # `Literal[...] | Section`: a word, or a mapping for the section (proxy auth:
+            # passthrough | none | {username: ..., password_file: ...}).
+            if isinstance(node, CommentedMap):
+                return self._convert(args[1], node, mark, path)
+            return self._literal(args[0], node, mark)
         if len(args) != 1 or len(get_args(hint)) != 2:
             raise TypeError(f"config models: only `X | None` unions are supported, not {hint!r}")
         inner = args[0]
@@ -209,6 +220,26 @@ class ModelBuilder:
             else:
                 items.append(value)
         return tuple(items)
+
+    def _dict(self, hint: Any, node: object, mark: Mark, path: ModelPath) -> object:
+        """``dict[str, X]``: a mapping whose keys are data (header names), not config keys."""
+        args = get_args(hint)
+        if len(args) != 2 or args[0] is not str:
+            raise TypeError(f"config models: only dict[str, X] is supported, not {hint!r}")
+        if node is None:
+            return {}
+        if not isinstance(node, CommentedMap):
+            return self._wrong(mark, "a mapping", node)
+        items: dict[str, object] = {}
+        for key in node:
+            if not isinstance(key, str):
+                here = key_mark(node, key, mark)
+                self.problems.add(here.line, here.col, f"keys must be strings, got {describe(key)}")
+                continue
+            value = self._convert(args[1], node[key], value_mark(node, key, mark), (*path, key))
+            if not isinstance(value, _Missing):
+                items[key] = value
+        return items
 
     def _literal(self, hint: Any, node: object, mark: Mark) -> object:
         choices = get_args(hint)
@@ -252,6 +283,12 @@ class ModelBuilder:
                 return MISSING
             return Path(node)
         return str(node)
+
+
+def yaml_key(f: dataclasses.Field[Any]) -> str:
+    """The key of a field in the file: its name, or ``metadata["key"]`` for names Python
+    reserves (``if``, ``from``, ``continue``)."""
+    return str(f.metadata.get("key", f.name))
 
 
 def _has_default(f: dataclasses.Field[Any]) -> bool:

@@ -9,12 +9,80 @@ guarantees: addresses are stored normalized (``sentlink.addresses.normalize_addr
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Iterator, Sequence
-from typing import Protocol, TypedDict
+from dataclasses import dataclass
+from typing import Literal, Protocol, TypedDict
 
 from sentlink.errors import StoreError
 from sentlink.model import Link, MessageInfo, Record
 
-__all__ = ["LinkRow", "RecordRow", "Store", "StoreError", "open_store"]
+__all__ = [
+    "Delivery",
+    "DeliveryState",
+    "LinkRow",
+    "NewEvent",
+    "OutboxRow",
+    "RecordRow",
+    "Store",
+    "StoreError",
+    "UnmatchedRow",
+    "open_store",
+]
+
+DeliveryState = Literal["pending", "done", "dead"]
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """An event to put in the outbox, for delivery to each of ``hooks``.
+
+    ``records`` are ``kind:id`` keys: deliveries to one hook of events sharing a record go out
+    in the order the events were written.
+    """
+
+    id: str  # the idempotency key (webhook-id); a second event with the same id is ignored
+    type: str
+    payload: str  # the whole event, JSON
+    records: tuple[str, ...]
+    hooks: tuple[str, ...]
+    created_at: float  # Unix time
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One event claimed for one hook."""
+
+    event_pk: int
+    hook: str
+    event_id: str
+    type: str
+    payload: str
+    attempts: int  # attempts before this one
+    since: float  # Unix time the dead-letter age counts from
+
+
+class OutboxRow(TypedDict):
+    """One delivery as ``sentlink outbox list --json`` prints it (members only ever added)."""
+
+    id: str
+    type: str
+    hook: str
+    state: str  # pending | done | dead
+    attempts: int
+    created: str  # ISO 8601
+    next_attempt: str  # ISO 8601, "" unless pending
+    last_error: str
+    hook_disabled: bool
+
+
+class UnmatchedRow(TypedDict):
+    """An address that matched no record in one account's messages, as
+    ``sentlink links --unmatched --json`` prints it (members only ever added)."""
+
+    account: str
+    email: str
+    messages: int
+    first: str  # ISO 8601 indexing time of the first and last such message
+    last: str
 
 
 class RecordRow(TypedDict):
@@ -58,13 +126,81 @@ class Store(Protocol):
     def move_message(self, account: str, uniq: str, folder: str, file: str) -> bool:
         """Record a new folder/file name for an indexed file (a move or a flag rename)."""
 
-    def save_message(self, info: MessageInfo, links: Sequence[Link]) -> bool:
-        """Index a message and its links in one transaction.
+    def save_message(
+        self,
+        info: MessageInfo,
+        links: Sequence[Link],
+        events: Sequence[NewEvent] = (),
+        unmatched: Sequence[str] = (),
+        new_records: Sequence[Record] = (),
+    ) -> bool:
+        """Index a message, its links, its outbox events, the participant addresses that
+        matched no record (kept for review) and records created for it, in one transaction:
+        all of it or none of it.
 
-        Returns False, writing no links, when the account already has this unique name or
+        Returns False, writing nothing else, when the account already has this unique name or
         (for a non-empty Message-ID) this Message-ID; in the latter case the file is remembered
         as another copy of the indexed message so ``has_message`` is true for it from now on.
         """
+
+    # outbox
+
+    def claim_deliveries(
+        self, hook: str, owner: str, limit: int, lease_seconds: float, now: float
+    ) -> list[Delivery]:
+        """Lease up to ``limit`` due deliveries of ``hook`` to ``owner``, oldest first.
+
+        A delivery is due when pending, its time has come, nobody holds a live lease on it, and
+        no earlier pending event of the same hook shares one of its records (order per record).
+        """
+
+    def extend_lease(self, hook: str, owner: str, event_pks: Sequence[int], until: float) -> None:
+        """Keep holding these claimed deliveries until ``until``."""
+
+    def finish_delivery(
+        self,
+        hook: str,
+        event_pk: int,
+        state: DeliveryState,
+        next_at: float,
+        error: str,
+        now: float,
+    ) -> None:
+        """Record an attempt: ``done``, ``dead``, or ``pending`` again at ``next_at``."""
+
+    def disable_hook(self, hook: str, reason: str, now: float) -> None:
+        """Stop delivering to ``hook`` (the receiver said 410 Gone) until re-enabled."""
+
+    def enable_hook(self, hook: str) -> bool:
+        """Deliver to ``hook`` again; True when it was disabled."""
+
+    def disabled_hooks(self) -> dict[str, str]:
+        """Disabled hook name -> reason."""
+
+    def outbox_rows(
+        self, states: Collection[str], hook: str | None = None, limit: int | None = None
+    ) -> Iterator[OutboxRow]:
+        """Deliveries in these states (of ``hook`` when given), oldest first."""
+
+    def retry_deliveries(self, hook: str | None, event_ids: Collection[str], now: float) -> int:
+        """Pending or dead deliveries (of ``hook``; with these ids when given) due now, their
+        dead-letter age restarted. Returns how many."""
+
+    def drop_deliveries(self, hook: str | None, event_ids: Collection[str]) -> int:
+        """Delete pending or dead deliveries (of ``hook``; with these ids when given)."""
+
+    # unmatched addresses (crm.unmatched: review)
+
+    def unmatched_addresses(self, account: str | None = None) -> list[UnmatchedRow]:
+        """Addresses kept for review with their message counts per account: by account, then
+        most frequent first."""
+
+    def messages_for_emails(self, emails: Collection[str]) -> list[tuple[str, str]]:
+        """``(account, uniq)`` of one file of each message with an unmatched address among
+        ``emails``: what to link again once their records are known."""
+
+    def forget_messages(self, keys: Collection[tuple[str, str]]) -> int:
+        """Drop these messages (by one file's ``(account, uniq)``) so they are linked again."""
 
     def linked_records_for_message_ids(
         self, account: str, message_ids: Sequence[str]
@@ -91,11 +227,15 @@ class Store(Protocol):
     def forget_account(self, account: str) -> int:
         """Drop every indexed message of the account (for a full reindex). Records stay."""
 
+    def schema_version(self) -> int:
+        """The migration step the database is at."""
+
     def close(self) -> None: ...
 
 
 def open_store(url: str) -> Store:
-    """Open the store a ``store.url`` names: ``sqlite:///relative/path``, ``sqlite:////abs``.
+    """Open the store a ``store.url`` names: ``sqlite:///relative/path``, ``sqlite:////abs``,
+    ``postgresql://user@host/db``. Opening applies pending migrations.
 
     Raises StoreError when the URL is not understood or the store cannot be opened.
     """
@@ -104,4 +244,9 @@ def open_store(url: str) -> Store:
         from sentlink.store.sqlite import SqliteStore, sqlite_path
 
         return SqliteStore(sqlite_path(url))
-    raise StoreError(f"unsupported store URL {url!r} (expected sqlite:///PATH)")
+    if sep and scheme in ("postgresql", "postgres"):
+        from sentlink.store.postgres import PostgresStore
+
+        return PostgresStore(url)
+    # The URL is not echoed: a postgresql:// URL may carry a password.
+    raise StoreError("unsupported store URL (expected sqlite:///PATH or postgresql://...)")

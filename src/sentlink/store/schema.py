@@ -70,6 +70,51 @@ MIGRATIONS: tuple[Migration, ...] = (
         "CREATE INDEX links_by_record ON links (kind, record_id)",
         "CREATE INDEX links_by_email ON links (email)",
     ),
+    # 2: the outbox (events written with the links, one delivery per hook), hooks a receiver
+    # disabled (410 Gone), and addresses that matched no record (crm.unmatched: review).
+    (
+        """CREATE TABLE events (
+            pk INTEGER PRIMARY KEY,
+            id TEXT NOT NULL UNIQUE,
+            type TEXT NOT NULL,
+            payload TEXT NOT NULL,
+            records TEXT NOT NULL DEFAULT '',
+            created_at REAL NOT NULL
+        )""",
+        # Record keys of events some hook still waits for: what orders deliveries per record.
+        """CREATE TABLE event_records (
+            event_pk INTEGER NOT NULL REFERENCES events (pk) ON DELETE CASCADE,
+            record TEXT NOT NULL,
+            PRIMARY KEY (event_pk, record)
+        )""",
+        "CREATE INDEX event_records_by_record ON event_records (record, event_pk)",
+        """CREATE TABLE deliveries (
+            event_pk INTEGER NOT NULL REFERENCES events (pk) ON DELETE CASCADE,
+            hook TEXT NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('pending', 'done', 'dead')),
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_at REAL NOT NULL,
+            since REAL NOT NULL,
+            lease_owner TEXT,
+            lease_until REAL,
+            last_error TEXT NOT NULL DEFAULT '',
+            finished_at REAL,
+            PRIMARY KEY (hook, event_pk)
+        )""",
+        "CREATE INDEX deliveries_due ON deliveries (hook, state, event_pk)",
+        "CREATE INDEX deliveries_by_event ON deliveries (event_pk)",
+        """CREATE TABLE hook_state (
+            hook TEXT PRIMARY KEY,
+            disabled_at REAL NOT NULL,
+            reason TEXT NOT NULL DEFAULT ''
+        )""",
+        """CREATE TABLE unmatched (
+            message_pk INTEGER NOT NULL REFERENCES messages (pk) ON DELETE CASCADE,
+            email TEXT NOT NULL,
+            PRIMARY KEY (message_pk, email)
+        )""",
+        "CREATE INDEX unmatched_by_email ON unmatched (email)",
+    ),
 )
 
 

@@ -13,33 +13,17 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
 
-from sentlink.addresses import normalize_address
 from sentlink.errors import StoreError
-from sentlink.model import Link, MessageInfo, Record, RecordKind
-from sentlink.store import LinkRow
 from sentlink.store.schema import MIGRATIONS, migrate
+from sentlink.store.sql import Connection, SqlStore
 
 log = logging.getLogger("sentlink.store")
 
 BUSY_TIMEOUT_MS = 5000
-_CHUNK = 500  # bound on "IN (?, ...)" parameters per statement (SQLite's limit was 999)
-
-_LINKS_QUERY = """
-SELECT m.account, m.direction, m.message_id, m.subject, m.date,
-       coalesce(f.folder, ''), coalesce(f.file, ''),
-       l.kind, l.record_id, r.name, l.email, l.role, l.via
-FROM links l
-JOIN messages m ON m.pk = l.message_pk
-JOIN records r ON r.kind = l.kind AND r.id = l.record_id
-LEFT JOIN message_files f
-  ON f.rowid = (SELECT min(rowid) FROM message_files WHERE message_pk = m.pk)
-"""
 
 
 def sqlite_path(url: str) -> Path:
@@ -53,7 +37,7 @@ def sqlite_path(url: str) -> Path:
     return Path(path)
 
 
-class SqliteStore:
+class SqliteStore(SqlStore):
     """The ``Store`` interface on one SQLite database file."""
 
     def __init__(self, path: Path) -> None:
@@ -111,7 +95,12 @@ class SqliteStore:
             raise StoreError(f"{self.path}: {exc}") from exc
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def _read(self) -> Iterator[Connection]:
+        with self._errors():
+            yield self._conn()
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
         with self._errors():
             conn = self._conn()
             conn.execute("BEGIN IMMEDIATE")
@@ -122,222 +111,13 @@ class SqliteStore:
                 raise
             conn.execute("COMMIT")
 
+    def schema_version(self) -> int:
+        with self._read() as conn:
+            return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
     def close(self) -> None:
         with self._lock:
             self._closed = True
             connections, self._connections = self._connections, []
         for conn in connections:
             conn.close()
-
-    # records
-
-    def upsert_record(self, record: Record) -> None:
-        self.upsert_records([record])
-
-    def upsert_records(self, records: Iterable[Record]) -> int:
-        count = 0
-        with self._write() as conn:
-            for record in records:
-                conn.execute(
-                    "INSERT INTO records (kind, id, name) VALUES (?, ?, ?)"
-                    " ON CONFLICT (kind, id) DO UPDATE SET name = excluded.name",
-                    (record.kind, record.id, record.name),
-                )
-                conn.execute(
-                    "DELETE FROM record_emails WHERE kind = ? AND id = ?", (record.kind, record.id)
-                )
-                emails = dict.fromkeys(normalize_address(e) for e in record.emails)
-                conn.executemany(
-                    "INSERT INTO record_emails (kind, id, email, position) VALUES (?, ?, ?, ?)",
-                    [(record.kind, record.id, e, i) for i, e in enumerate(emails)],
-                )
-                count += 1
-        return count
-
-    def records_by_email(self, email: str) -> list[Record]:
-        with self._errors():
-            keys = self._conn().execute(
-                "SELECT DISTINCT kind, id FROM record_emails WHERE email = ?", (email,)
-            )
-            return self._load_records(keys.fetchall())
-
-    def _load_records(self, keys: Iterable[tuple[str, str]]) -> list[Record]:
-        conn = self._conn()
-        records = []
-        for kind, rid in keys:
-            row = conn.execute(
-                "SELECT name FROM records WHERE kind = ? AND id = ?", (kind, rid)
-            ).fetchone()
-            if row is None:
-                continue
-            emails = conn.execute(
-                "SELECT email FROM record_emails WHERE kind = ? AND id = ? ORDER BY position",
-                (kind, rid),
-            ).fetchall()
-            records.append(Record(cast(RecordKind, kind), rid, row[0], tuple(e for (e,) in emails)))
-        records.sort(key=lambda r: (r.kind != "contact", r.id))
-        return records
-
-    # messages
-
-    def has_message(self, account: str, uniq: str) -> bool:
-        return self.message_location(account, uniq) is not None
-
-    def message_location(self, account: str, uniq: str) -> tuple[str, str] | None:
-        with self._errors():
-            row = (
-                self._conn()
-                .execute(
-                    "SELECT folder, file FROM message_files WHERE account = ? AND uniq = ?",
-                    (account, uniq),
-                )
-                .fetchone()
-            )
-        return None if row is None else (row[0], row[1])
-
-    def move_message(self, account: str, uniq: str, folder: str, file: str) -> bool:
-        with self._write() as conn:
-            cur = conn.execute(
-                "UPDATE message_files SET folder = ?, file = ? WHERE account = ? AND uniq = ?",
-                (folder, file, account, uniq),
-            )
-            return cur.rowcount > 0
-
-    def save_message(self, info: MessageInfo, links: Sequence[Link]) -> bool:
-        with self._write() as conn:
-            if conn.execute(
-                "SELECT 1 FROM message_files WHERE account = ? AND uniq = ?",
-                (info.account, info.uniq),
-            ).fetchone():
-                return False
-            if info.message_id:
-                row = conn.execute(
-                    "SELECT pk FROM messages WHERE account = ? AND message_id = ?",
-                    (info.account, info.message_id),
-                ).fetchone()
-                if row is not None:
-                    # Another copy of an indexed message: remember the file, link nothing.
-                    self._insert_file(conn, info, int(row[0]))
-                    return False
-            cur = conn.execute(
-                "INSERT INTO messages"
-                " (account, message_id, direction, subject, date, private, indexed_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    info.account,
-                    info.message_id,
-                    info.direction,
-                    info.subject,
-                    info.date,
-                    int(info.private),
-                    datetime.now(UTC).isoformat(timespec="seconds"),
-                ),
-            )
-            pk = cur.lastrowid
-            assert pk is not None
-            self._insert_file(conn, info, pk)
-            conn.executemany(
-                "INSERT OR IGNORE INTO links (message_pk, kind, record_id, email, role, via)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                [(pk, ln.record.kind, ln.record.id, ln.email, ln.role, ln.via) for ln in links],
-            )
-            return True
-
-    @staticmethod
-    def _insert_file(conn: sqlite3.Connection, info: MessageInfo, pk: int) -> None:
-        conn.execute(
-            "INSERT INTO message_files (account, uniq, message_pk, folder, file)"
-            " VALUES (?, ?, ?, ?, ?)",
-            (info.account, info.uniq, pk, info.folder, info.file),
-        )
-
-    def linked_records_for_message_ids(
-        self, account: str, message_ids: Sequence[str]
-    ) -> list[Record]:
-        ids = sorted({m for m in message_ids if m})
-        keys: set[tuple[str, str]] = set()
-        with self._errors():
-            conn = self._conn()
-            for start in range(0, len(ids), _CHUNK):
-                chunk = ids[start : start + _CHUNK]
-                marks = ", ".join("?" * len(chunk))
-                rows = conn.execute(
-                    "SELECT DISTINCT l.kind, l.record_id FROM messages m"
-                    " JOIN links l ON l.message_pk = m.pk"
-                    f" WHERE m.account = ? AND m.private = 0 AND m.message_id IN ({marks})",
-                    (account, *chunk),
-                )
-                keys.update((k, r) for k, r in rows)
-            return self._load_records(sorted(keys))
-
-    def query_links(
-        self,
-        account: str | None = None,
-        email: str | None = None,
-        record: tuple[str, str] | None = None,
-        message_id: str | None = None,
-    ) -> Iterator[LinkRow]:
-        where: list[str] = []
-        params: list[Any] = []
-        if account is not None:
-            where.append("m.account = ?")
-            params.append(account)
-        if email is not None:
-            where.append("l.email = ?")
-            params.append(email)
-        if record is not None:
-            where.append("l.kind = ? AND l.record_id = ?")
-            params.extend(record)
-        if message_id is not None:
-            where.append("m.message_id = ?")
-            params.append(message_id)
-        sql = _LINKS_QUERY
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY m.pk, l.kind, l.record_id, l.email"
-        return self._iter_links(sql, params)
-
-    def _iter_links(self, sql: str, params: list[Any]) -> Iterator[LinkRow]:
-        with self._errors():
-            for row in self._conn().execute(sql, params):
-                yield {
-                    "account": row[0],
-                    "direction": row[1],
-                    "message_id": row[2],
-                    "subject": row[3],
-                    "date": row[4],
-                    "folder": row[5],
-                    "file": row[6],
-                    "record": {"kind": row[7], "id": row[8], "name": row[9], "email": row[10]},
-                    "role": row[11],
-                    "via": row[12],
-                }
-
-    def forget_missing(
-        self, account: str, present_uniqs: Collection[str], folder: str | None = None
-    ) -> int:
-        present = set(present_uniqs)
-        with self._write() as conn:
-            sql = "SELECT uniq, message_pk FROM message_files WHERE account = ?"
-            params: tuple[str, ...] = (account,)
-            if folder is not None:
-                sql += " AND folder = ?"
-                params += (folder,)
-            gone = [(u, pk) for u, pk in conn.execute(sql, params) if u not in present]
-            conn.executemany(
-                "DELETE FROM message_files WHERE account = ? AND uniq = ?",
-                [(account, u) for u, _pk in gone],
-            )
-            conn.executemany(
-                "DELETE FROM messages WHERE pk = ? AND NOT EXISTS"
-                " (SELECT 1 FROM message_files WHERE message_pk = messages.pk)",
-                [(pk,) for pk in {pk for _u, pk in gone}],
-            )
-        if gone:
-            log.info("account=%s forgot %d message files no longer present", account, len(gone))
-        return len(gone)
-
-    def forget_account(self, account: str) -> int:
-        with self._write() as conn:
-            # message_files and links go with their message (ON DELETE CASCADE).
-            return conn.execute("DELETE FROM messages WHERE account = ?", (account,)).rowcount

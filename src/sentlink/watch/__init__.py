@@ -6,7 +6,23 @@ overflows, so a rescan at start and every ``watch.rescan_seconds`` reconciles ag
 
 from __future__ import annotations
 
-from sentlink.watch.scan import FolderRef, ScanSummary, scan_folders, sent_folders
+from sentlink.watch.handler import MessageHandler, WatchPolicy
+from sentlink.watch.scan import (
+    FolderRef,
+    ScanSummary,
+    scan_folders,
+    sent_folders,
+    watched_folders,
+)
 from sentlink.watch.service import FolderWatcher
 
-__all__ = ["FolderRef", "FolderWatcher", "ScanSummary", "scan_folders", "sent_folders"]
+__all__ = [
+    "FolderRef",
+    "FolderWatcher",
+    "MessageHandler",
+    "ScanSummary",
+    "WatchPolicy",
+    "scan_folders",
+    "sent_folders",
+    "watched_folders",
+]

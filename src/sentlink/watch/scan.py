@@ -1,17 +1,25 @@
-"""Reconcile Maildir folders against the store: link every message file not yet indexed."""
+"""Reconcile Maildir folders against the store: handle every message file not yet indexed.
+
+An unchanged folder costs one directory listing and one set difference against the unique names
+the store has indexed for it: no message file is opened (``watch.known``).
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sentlink.config.models import AccountConfig
+from sentlink.config.models import AccountConfig, Config
+from sentlink.errors import CaptureError
 from sentlink.linker import Linker
 from sentlink.maildir import folder_path, list_messages, split_uniq
 from sentlink.model import Direction
 from sentlink.store import Store
+from sentlink.watch.handler import MessageHandler, Outcome, WatchPolicy, relative
+from sentlink.watch.known import KnownFiles, known_files_for
 
 log = logging.getLogger("sentlink.watch")
 
@@ -36,6 +44,9 @@ class ScanSummary:
     already: int = 0
     skipped: int = 0
     failed: int = 0
+    moved: int = 0
+    duplicates_removed: int = 0
+    duplicates_trashed: int = 0
     by_status: dict[str, int] = field(default_factory=dict)
 
     def add(self, status: str) -> None:
@@ -49,6 +60,12 @@ class ScanSummary:
         else:
             self.skipped += 1
 
+    def add_outcome(self, outcome: Outcome) -> None:
+        self.add(outcome.status)
+        self.moved += int(outcome.moved)
+        self.duplicates_removed += outcome.removed
+        self.duplicates_trashed += outcome.trashed
+
     def as_dict(self) -> dict[str, object]:
         return {
             "seen": self.seen,
@@ -56,6 +73,9 @@ class ScanSummary:
             "already": self.already,
             "skipped": self.skipped,
             "failed": self.failed,
+            "moved": self.moved,
+            "duplicates_removed": self.duplicates_removed,
+            "duplicates_trashed": self.duplicates_trashed,
             "by_status": dict(sorted(self.by_status.items())),
         }
 
@@ -65,27 +85,24 @@ def sent_folders(accounts: Sequence[AccountConfig]) -> list[FolderRef]:
     return [FolderRef(a, a.sent_folder, "sent") for a in accounts]
 
 
-def link_one(linker: Linker, ref: FolderRef, path: Path) -> str:
-    """Link one file; a failure is logged and reported, never raised (the next rescan retries)."""
-    try:
-        result = linker.link_file(ref.account, ref.folder, path, ref.direction)
-    except FileNotFoundError:
-        # A client renamed it (flag change) or moved it away meanwhile: the rescan sees it again.
-        return "vanished"
-    except Exception as exc:  # one bad file must not stop the watcher
-        log.warning("account=%s file=%s link failed: %s", ref.account.name, path.name, exc)
-        return "error"
-    return result.status
+def watched_folders(
+    config: Config, accounts: Sequence[AccountConfig] | None = None
+) -> list[FolderRef]:
+    """``watch.folders`` of every account, plus its Sent folder (capture copies land there)."""
+    refs = []
+    for account in config.accounts if accounts is None else accounts:
+        names = list(dict.fromkeys((*config.watch.folders, account.sent_folder)))
+        for name in names:
+            direction: Direction = "sent" if name == account.sent_folder else "received"
+            refs.append(FolderRef(account, name, direction))
+    return refs
 
 
 def relative_file(ref: FolderRef, path: Path) -> str:
-    try:
-        return str(path.relative_to(ref.account.maildir))
-    except ValueError:
-        return str(path)
+    return relative(path, ref.account.maildir)
 
 
-def needs_linking(store: Store, ref: FolderRef, path: Path) -> bool:
+def needs_linking(store: Store, ref: FolderRef, path: Path, record_moves: bool = True) -> bool:
     """True for a file the store has not indexed. For one it has, keep its location current.
 
     Clients rename a message file to change its flags (``:2,S`` -> ``:2,RS``) and move it between
@@ -96,18 +113,62 @@ def needs_linking(store: Store, ref: FolderRef, path: Path) -> bool:
     if where is None:
         return True
     file = relative_file(ref, path)
-    if where != (ref.folder, file):
+    if record_moves and where != (ref.folder, file):
         store.move_message(ref.account.name, uniq, ref.folder, file)
     return False
 
 
-def pending_files(store: Store, ref: FolderRef) -> Iterable[Path]:
-    """Message files of ``ref`` that the store has not indexed yet."""
+def handle_one(handler: MessageHandler, ref: FolderRef, path: Path) -> Outcome:
+    """Handle one file; a failure is logged and reported, never raised (the rescan retries)."""
+    try:
+        return handler.handle(ref.account, ref.folder, path)
+    except FileNotFoundError:
+        # A client renamed it (flag change) or moved it away meanwhile: the rescan sees it again.
+        return Outcome("vanished", ref.folder)
+    except CaptureError as exc:
+        if exc.reason == "io" and "gone" in str(exc):
+            return Outcome("vanished", ref.folder)
+        log.warning("account=%s file=%s not handled: %s", ref.account.name, path.name, exc)
+        return Outcome("error", ref.folder)
+    except Exception as exc:  # one bad file must not stop the watcher
+        log.warning("account=%s file=%s not handled: %s", ref.account.name, path.name, exc)
+        return Outcome("error", ref.folder)
+
+
+def pending_files(
+    store: Store, ref: FolderRef, known: KnownFiles, record_moves: bool = True
+) -> list[Path]:
+    """Message files of ``ref`` that the store has not indexed yet. Indexed files renamed or
+    moved in by a client get their new location recorded (unless ``record_moves`` is false)."""
     if not ref.path.is_dir():
-        return
-    for path in list_messages(ref.account.maildir, ref.folder):
-        if needs_linking(store, ref, path):
-            yield path
+        return []
+    indexed = known.folder_files(ref.account.name, ref.folder)
+    listing = list_messages(ref.account.maildir, ref.folder)
+    if indexed is None:
+        return [p for p in listing if needs_linking(store, ref, p, record_moves)]
+    pending = []
+    elsewhere: set[str] | None = None
+    for path in listing:
+        uniq = split_uniq(path.name)
+        file = indexed.get(uniq)
+        if file is None:
+            if elsewhere is None:  # read once, and only when a folder has new names
+                elsewhere = known.account_uniqs(ref.account.name) or set()
+            # New here, or moved in from another folder by a client (then only recorded).
+            if uniq not in elsewhere or needs_linking(store, ref, path, record_moves):
+                pending.append(path)
+        elif record_moves and file != relative_file(ref, path):
+            store.move_message(ref.account.name, uniq, ref.folder, relative_file(ref, path))
+    return pending
+
+
+@contextmanager
+def default_handler(store: Store, linker: Linker) -> Iterator[MessageHandler]:
+    known = known_files_for(store)
+    try:
+        yield MessageHandler(store, linker, WatchPolicy(), known)
+    finally:
+        known.close()
 
 
 def scan_folders(
@@ -115,16 +176,35 @@ def scan_folders(
     store: Store,
     linker: Linker,
     progress: Callable[[int], None] | None = None,
+    handler: MessageHandler | None = None,
+    pending: dict[FolderRef, list[Path]] | None = None,
 ) -> ScanSummary:
-    """Link every message not yet in the store. ``progress`` is called once per file."""
+    """Handle every message not yet in the store. ``progress`` is called once per new file;
+    ``pending`` is what :func:`pending_by_folder` found, when the caller listed already."""
+    if handler is None:
+        with default_handler(store, linker) as made:
+            return scan_folders(refs, store, linker, progress, made, pending)
     summary = ScanSummary()
-    for ref in refs:
-        for path in pending_files(store, ref):
-            summary.seen += 1
-            summary.add(link_one(linker, ref, path))
-            if progress is not None:
-                progress(1)
+    try:
+        for ref in refs:
+            paths = (
+                pending[ref] if pending is not None else pending_files(store, ref, handler.known)
+            )
+            for path in paths:
+                summary.seen += 1
+                summary.add_outcome(handle_one(handler, ref, path))
+                if progress is not None:
+                    progress(1)
+    finally:
+        handler.flush()
     return summary
+
+
+def pending_by_folder(
+    refs: Sequence[FolderRef], store: Store, known: KnownFiles, record_moves: bool = True
+) -> dict[FolderRef, list[Path]]:
+    """New files per folder, listed up front (for a progress bar's length)."""
+    return {ref: pending_files(store, ref, known, record_moves) for ref in refs}
 
 
 def count_files(refs: Sequence[FolderRef]) -> int:

@@ -1,4 +1,5 @@
-"""The running watcher: watchdog events as hints, a worker thread, and periodic rescans."""
+"""The running watcher: watchdog events as hints, a worker thread, periodic rescans, and an
+immediate rescan when the kernel reports that inotify events were lost."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
@@ -16,7 +17,9 @@ from sentlink.errors import SentlinkError
 from sentlink.linker import Linker
 from sentlink.maildir import ensure_folder, resolve_owner
 from sentlink.store import Store
-from sentlink.watch.scan import FolderRef, ScanSummary, link_one, needs_linking, scan_folders
+from sentlink.watch.handler import MessageHandler, WatchPolicy
+from sentlink.watch.known import known_files_for
+from sentlink.watch.scan import FolderRef, ScanSummary, handle_one, needs_linking, scan_folders
 
 log = logging.getLogger("sentlink.watch")
 
@@ -49,8 +52,30 @@ class _Hints(FileSystemEventHandler):
             self._offer(event.dest_path)
 
 
+class _OverflowAlarm(logging.Handler):
+    """Calls back when watchdog reports an inotify queue overflow.
+
+    The kernel signals IN_Q_OVERFLOW when more events arrived than
+    fs.inotify.max_queued_events holds; watchdog (7.x) then only logs a warning and emits no
+    event for it, so its log record is the one signal there is.
+    """
+
+    def __init__(self, callback: Callable[[], None]) -> None:
+        super().__init__(logging.WARNING)
+        self._callback = callback
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "overflow" in record.getMessage().lower():
+            self._callback()
+
+
+_WATCHDOG_LOGGERS = ("watchdog.observers.inotify_c", "watchdog.observers.inotify")
+
+
 class FolderWatcher:
-    """Links what lands in the watched folders, in one worker thread (the store's only writer)."""
+    """Handles what lands in the watched folders, in one worker thread (the store's only
+    writer): a startup reconcile, events as hints, a rescan every ``rescan_seconds`` and at once
+    after an inotify overflow."""
 
     def __init__(
         self,
@@ -58,18 +83,23 @@ class FolderWatcher:
         store: Store,
         linker: Linker,
         rescan_seconds: float,
+        policy: WatchPolicy | None = None,
     ) -> None:
         self._refs = list(refs)
         self._store = store
         self._linker = linker
+        self._policy = policy or WatchPolicy()
         self._rescan_seconds = rescan_seconds
         self._queue: queue.Queue[object] = queue.Queue()
         self._observer: Observer | None = None  # type: ignore[valid-type]
         self._worker: threading.Thread | None = None
         self._rescan_now = threading.Event()
+        self._overflowed = threading.Event()
+        self._alarm = _OverflowAlarm(self._on_overflow)
         self.last_rescan: float | None = None
         self.last_summary: ScanSummary | None = None
         self.rescans = 0
+        self.overflows = 0
 
     def prepare_folders(self) -> list[FolderRef]:
         """Create missing watched folders; a folder that cannot be made safe is left out."""
@@ -85,6 +115,8 @@ class FolderWatcher:
 
     def start(self) -> None:
         refs = self.prepare_folders()
+        for name in _WATCHDOG_LOGGERS:
+            logging.getLogger(name).addHandler(self._alarm)
         observer = Observer()
         for ref in refs:
             observer.schedule(_Hints(ref, self._queue), str(ref.path), recursive=True)
@@ -101,20 +133,30 @@ class FolderWatcher:
         self._rescan_now.set()
         self._queue.put(None)
 
+    def _on_overflow(self) -> None:
+        self.overflows += 1
+        self._overflowed.set()
+        log.warning("inotify queue overflowed: events were lost; rescanning now")
+        self.request_rescan()
+
     def stop(self, timeout: float = 10.0) -> None:
         if self._observer is not None:
             self._observer.stop()
             self._observer.join(timeout)
             self._observer = None
+        for name in _WATCHDOG_LOGGERS:
+            logging.getLogger(name).removeHandler(self._alarm)
         if self._worker is not None:
             self._queue.put(_STOP)
             self._worker.join(timeout)
             self._worker = None
 
-    def _rescan(self) -> None:
+    def _rescan(self, handler: MessageHandler) -> None:
+        after_overflow = self._overflowed.is_set()
+        self._overflowed.clear()
         started = time.monotonic()
         try:
-            summary = scan_folders(self._refs, self._store, self._linker)
+            summary = scan_folders(self._refs, self._store, self._linker, handler=handler)
         except Exception as exc:  # e.g. the store is down: retry next time
             log.error("rescan failed: %s", exc)
             return
@@ -122,16 +164,29 @@ class FolderWatcher:
         self.last_rescan = time.time()
         self.last_summary = summary
         log.info(
-            "rescan: seen=%d linked=%d skipped=%d failed=%d in %.2fs",
+            "rescan: seen=%d linked=%d moved=%d duplicates=%d skipped=%d failed=%d in %.2fs",
             summary.seen,
             summary.linked,
+            summary.moved,
+            summary.duplicates_removed + summary.duplicates_trashed,
             summary.skipped,
             summary.failed,
             time.monotonic() - started,
         )
+        if after_overflow:
+            # The gap: files that arrived while events were being dropped.
+            log.warning("rescan after inotify overflow: %d files had been missed", summary.seen)
 
     def _run(self) -> None:
-        self._rescan()  # startup reconcile: whatever arrived while we were down
+        known = known_files_for(self._store)
+        try:
+            handler = MessageHandler(self._store, self._linker, self._policy, known)
+            self._loop(handler)
+        finally:
+            known.close()
+
+    def _loop(self, handler: MessageHandler) -> None:
+        self._rescan(handler)  # startup reconcile: whatever arrived while we were down
         deadline = time.monotonic() + self._rescan_seconds
         while True:
             try:
@@ -142,16 +197,17 @@ class FolderWatcher:
                 return
             if self._rescan_now.is_set() or time.monotonic() >= deadline:
                 self._rescan_now.clear()
-                self._rescan()
+                self._rescan(handler)
                 deadline = time.monotonic() + self._rescan_seconds
                 continue
             if isinstance(item, tuple):
-                self._link_hint(*item)
+                self._handle_hint(handler, *item)
 
-    def _link_hint(self, ref: FolderRef, path: Path) -> None:
+    def _handle_hint(self, handler: MessageHandler, ref: FolderRef, path: Path) -> None:
         try:
             if needs_linking(self._store, ref, path):
-                status = link_one(self._linker, ref, path)
-                log.debug("account=%s file=%s %s", ref.account.name, path.name, status)
+                outcome = handle_one(handler, ref, path)
+                handler.flush()
+                log.debug("account=%s file=%s %s", ref.account.name, path.name, outcome.status)
         except Exception as exc:  # the rescan retries; the watcher keeps running
-            log.warning("account=%s file=%s not linked: %s", ref.account.name, path.name, exc)
+            log.warning("account=%s file=%s not handled: %s", ref.account.name, path.name, exc)

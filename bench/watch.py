@@ -1,0 +1,338 @@
+"""Watcher benchmarks: startup reconcile, unchanged rescan, event-to-link latency, a burst.
+
+``.venv/bin/python bench/watch.py [--messages 100000] [--sample 3000] [--latency 200]
+[--burst 20000] [--no-cold] [--json FILE]``
+
+1. A generated Maildir (realistic header mix: Received chains, DKIM-Signature, 1-4 To, some Cc,
+   threads, MIME; 1-6 KB bodies; 70% received in INBOX, 10% self-sent in INBOX, 20% in Sent)
+   is reconciled once: parse + classify (rules, self-sent) + move + index + link. Baselines:
+   (a) opening each file and reading its first 8 KB; (b) a naive ``mailbox.Maildir`` +
+   ``email`` default-policy loop reading five address headers, measured on ``--sample``
+   messages and extrapolated. Warm cache, then cold (``/proc/sys/vm/drop_caches``, as root).
+2. A rescan of the same, now unchanged, folders: directory listing and set difference.
+3. Event-to-link latency: one message at a time delivered into a running watcher.
+4. ``--burst`` files renamed into new/ at once (beyond the 16,384-event inotify queue).
+"""
+
+from __future__ import annotations
+
+import argparse
+import email.policy
+import json
+import mailbox
+import os
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from email.parser import BytesParser
+from email.utils import getaddresses
+from pathlib import Path
+
+from sentlink.config import load_config_text
+from sentlink.config.models import Config
+from sentlink.linker import Linker
+from sentlink.model import Record
+from sentlink.store import Store, open_store
+from sentlink.watch import FolderWatcher, WatchPolicy, watched_folders
+from sentlink.watch.known import SqliteKnownFiles
+from sentlink.watch.oneshot import Reconcile
+
+SECRET = b"b" * 32
+ALICE = "alice@example.test"
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+WORDS = ("offer", "quote", "meeting", "invoice", "project", "update", "question", "order")
+
+
+def customer(rng: random.Random) -> str:
+    k = rng.randrange(20000)
+    return f"user{k}@customer{k % 500}.test"
+
+
+def message(rng: random.Random, n: int, kind: str) -> bytes:
+    frm = ALICE if kind != "received" else customer(rng)
+    to = [customer(rng) for _ in range(rng.randint(1, 4))] if kind != "received" else [ALICE]
+    lines = [
+        f"Received: from mx{rng.randrange(9)}.provider.test (mx.provider.test [192.0.2.{n % 250}])"
+        f"\n\tby mail.example.test (Postfix) with ESMTPS id {n:X}\n\tfor <{ALICE}>;"
+        " Tue, 4 Jun 2024 10:00:00 +0200"
+        for _ in range(rng.randint(1, 4))
+    ]
+    lines.append(
+        "DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=customer.test; s=s1;\n"
+        "\th=from:to:subject:date:message-id; bh=" + "A" * 44 + ";\n\tb=" + "B" * 340
+    )
+    lines += [f"From: Person {n} <{frm}>", f"To: {', '.join(to)}"]
+    if rng.random() < 0.3:
+        lines.append(f"Cc: {customer(rng)}, colleague{n % 50}@example.test")
+    lines += [
+        f"Subject: Re: {rng.choice(WORDS)} {rng.choice(WORDS)} #{n}",
+        "Date: Tue, 4 Jun 2024 10:00:00 +0200",
+        f"Message-ID: <{n}.{rng.randrange(10**9)}@bench.test>",
+    ]
+    if rng.random() < 0.4:
+        lines.append(f"In-Reply-To: <{max(0, n - 7)}.1@bench.test>")
+        lines.append("References: " + " ".join(f"<{n - k}.1@bench.test>" for k in range(1, 6)))
+    lines += ["MIME-Version: 1.0", "Content-Type: text/plain; charset=utf-8"]
+    body = ("lorem ipsum dolor sit amet " * rng.randint(40, 240)) + "\n"
+    return ("\n".join(lines) + "\n\n" + body).encode()
+
+
+def generate(root: Path, count: int, seed: int = 1) -> None:
+    rng = random.Random(seed)
+    for folder in (root, root / ".Sent"):
+        for sub in ("tmp", "new", "cur"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+    (root / ".Sent" / "maildirfolder").touch()
+    for n in range(count):
+        r = rng.random()
+        kind = "received" if r < 0.7 else "self" if r < 0.8 else "sent"
+        folder = root / ".Sent" if kind == "sent" else root
+        name = f"{1717000000 + n}.M{n}P1.bench:2,S"
+        (folder / "cur" / name).write_bytes(message(rng, n, kind))
+
+
+def make_config(base: Path) -> Config:
+    return load_config_text(
+        f"""store: {{url: "sqlite:///{base}/s.db"}}
+internal_domains: [example.test]
+accounts: [{{name: alice, addresses: [{ALICE}], maildir: {base}/alice}}]
+watch:
+  rules:
+    - {{name: newsletters, if: {{header: {{List-Id: ".+"}}}}, then: {{link: false}}}}
+""",
+        "bench.yaml",
+    )
+
+
+def seed_records(store: Store) -> None:
+    # Every fourth correspondent is a CRM contact.
+    store.upsert_records(
+        Record("contact", f"c{k}", f"C {k}", (f"user{k}@customer{k % 500}.test",))
+        for k in range(0, 20000, 4)
+    )
+
+
+def all_files(root: Path) -> list[Path]:
+    return [p for d in (root, root / ".Sent") for s in ("new", "cur") for p in (d / s).iterdir()]
+
+
+def raw_read(paths: list[Path]) -> float:
+    started = time.perf_counter()
+    for path in paths:
+        with path.open("rb") as fh:
+            fh.read(8192)
+    return len(paths) / (time.perf_counter() - started)
+
+
+def naive(root: Path, sample: int) -> float:
+    """mailbox.Maildir + email default policy, five address headers read (policy.default parses
+    them on access)."""
+    parser = BytesParser(policy=email.policy.default)
+    box = mailbox.Maildir(str(root), factory=None, create=False)
+    keys = list(box.iterkeys())[:sample]
+    started = time.perf_counter()
+    for key in keys:
+        with box.get_file(key) as fh:
+            msg = parser.parse(fh)
+        for name in ("From", "To", "Cc", "Bcc", "Reply-To"):
+            getaddresses([str(v) for v in msg.get_all(name, [])])
+        _ = msg["Subject"], msg["Message-ID"], msg["Date"]
+    return len(keys) / (time.perf_counter() - started)
+
+
+def drop_caches() -> bool:
+    try:
+        os.sync()
+        DROP_CACHES.write_text("3\n")
+    except OSError:
+        return False
+    return True
+
+
+def reconcile(config: Config) -> tuple[float, dict[str, object]]:
+    store = open_store(config.store.url)
+    try:
+        seed_records(store)
+        with Reconcile(config, config.accounts, store, SECRET) as r:
+            started = time.perf_counter()
+            summary = r.run(r.pending())
+            elapsed = time.perf_counter() - started
+    finally:
+        store.close()
+    return elapsed, summary.as_dict()
+
+
+def rescan_unchanged(config: Config) -> tuple[float, int]:
+    store = open_store(config.store.url)
+    try:
+        with Reconcile(config, config.accounts, store, SECRET) as r:
+            r.pending()  # connections and caches as in the running watcher
+            started = time.perf_counter()
+            pending = r.pending()
+            elapsed = time.perf_counter() - started
+    finally:
+        store.close()
+    return elapsed, sum(len(p) for p in pending.values())
+
+
+def run_watcher(config: Config) -> tuple[FolderWatcher, Store]:
+    store = open_store(config.store.url)
+    watcher = FolderWatcher(
+        watched_folders(config),
+        store,
+        Linker(store, config),
+        3600,
+        WatchPolicy.from_config(config, SECRET),
+    )
+    watcher.start()
+    deadline = time.monotonic() + 600
+    while watcher.rescans < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return watcher, store
+
+
+def deliver(root: Path, name: str, data: bytes) -> None:
+    tmp = root / "tmp" / name
+    tmp.write_bytes(data)
+    os.rename(tmp, root / "new" / name)
+
+
+def latency(config: Config, count: int) -> list[float]:
+    root = config.accounts[0].maildir
+    watcher, store = run_watcher(config)
+    rng = random.Random(3)
+    samples = []
+    try:
+        for n in range(count):
+            name = f"{time.time_ns()}.L{n}P1.bench"
+            data = message(rng, 10_000_000 + n, "received")
+            started = time.perf_counter()
+            deliver(root, name, data)
+            # The store's own point lookup, on this thread's connection.
+            while store.message_location("alice", name) is None:
+                time.sleep(0.0005)
+            samples.append(time.perf_counter() - started)
+    finally:
+        watcher.stop()
+        store.close()
+    return samples
+
+
+def burst(config: Config, count: int) -> dict[str, object]:
+    root = config.accounts[0].maildir
+    rng = random.Random(4)
+    batch = [
+        (f"{time.time_ns()}.B{n}P1.bench", message(rng, 20_000_000 + n, "received"))
+        for n in range(count)
+    ]
+    watcher, store = run_watcher(config)
+    known = SqliteKnownFiles(Path(config.store.url.removeprefix("sqlite:///")))
+    names = {name for name, _ in batch}
+    try:
+        started = time.perf_counter()
+        for name, data in batch:
+            deliver(root, name, data)
+        written = time.perf_counter() - started
+        # Events only: the periodic rescan is an hour away, an overflow triggers one at once.
+        deadline = time.monotonic() + 600
+        missing = names
+        while time.monotonic() < deadline:
+            missing = names - set(known.folder_files("alice", "INBOX") or {})
+            if not missing:
+                break
+            time.sleep(0.2)
+        elapsed = time.perf_counter() - started
+    finally:
+        known.close()
+        watcher.stop()
+        store.close()
+    return {
+        "files": count,
+        "missed": len(missing),
+        "write_seconds": round(written, 2),
+        "all_linked_seconds": round(elapsed, 2),
+        "overflows": watcher.overflows,
+        "rescans": watcher.rescans,
+    }
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--messages", type=int, default=100_000)
+    ap.add_argument("--sample", type=int, default=3000)
+    ap.add_argument("--latency", type=int, default=200)
+    ap.add_argument("--burst", type=int, default=20_000)
+    ap.add_argument("--no-cold", action="store_true")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+    base = Path(tempfile.mkdtemp(prefix="sentlink-bench-watch-"))
+    results: dict[str, object] = {"messages": args.messages}
+    try:
+        root = base / "alice"
+        t0 = time.perf_counter()
+        generate(root, args.messages)
+        print(f"generated {args.messages} messages in {time.perf_counter() - t0:.1f}s", flush=True)
+        pristine = base / "pristine"
+        shutil.copytree(root, pristine)  # the cold run starts from the same mailbox
+        paths = all_files(root)
+        raw_read(paths)  # warm the cache
+        raw_warm = raw_read(paths)
+        naive_warm = naive(root, args.sample)
+        config = make_config(base)
+        elapsed, summary = reconcile(config)
+        ours_warm = args.messages / elapsed
+        results["warm"] = {
+            "reconcile_msgs_per_s": round(ours_warm),
+            "raw_8k_read_files_per_s": round(raw_warm),
+            "naive_maildir_email_msgs_per_s": round(naive_warm),
+            "naive_sample": args.sample,
+            "naive_extrapolated_seconds": round(args.messages / naive_warm, 1),
+            "reconcile_seconds": round(elapsed, 1),
+            "vs_naive": round(ours_warm / naive_warm, 2),
+            "vs_raw_read": round(ours_warm / raw_warm, 2),
+            "summary": summary,
+        }
+        print(json.dumps({"warm": results["warm"]}), flush=True)
+        seconds, left = rescan_unchanged(config)
+        results["rescan_unchanged"] = {"seconds": round(seconds, 3), "pending": left}
+        print(json.dumps({"rescan_unchanged": results["rescan_unchanged"]}), flush=True)
+        if not args.no_cold:
+            cold_base = base / "cold"
+            cold_base.mkdir()
+            shutil.move(str(pristine), str(cold_base / "alice"))
+            cold_paths = all_files(cold_base / "alice")
+            if drop_caches():
+                raw_cold = raw_read(cold_paths)
+                drop_caches()
+                elapsed, _ = reconcile(make_config(cold_base))
+                ours_cold = args.messages / elapsed
+                results["cold"] = {
+                    "reconcile_msgs_per_s": round(ours_cold),
+                    "raw_8k_read_files_per_s": round(raw_cold),
+                    "vs_raw_read": round(ours_cold / raw_cold, 2),
+                }
+            else:
+                results["cold"] = "skipped: cannot write /proc/sys/vm/drop_caches"
+            print(json.dumps({"cold": results["cold"]}), flush=True)
+        samples = latency(config, args.latency)
+        q = statistics.quantiles(samples, n=100)
+        results["latency_ms"] = {
+            "samples": len(samples),
+            "p50": round(statistics.median(samples) * 1000, 1),
+            "p99": round(q[98] * 1000, 1),
+        }
+        print(json.dumps({"latency_ms": results["latency_ms"]}), flush=True)
+        results["burst"] = burst(config, args.burst)
+        print(json.dumps({"burst": results["burst"]}), flush=True)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,558 @@
+"""The ``Store`` interface in SQL both backends speak; each backend supplies connections.
+
+Statements use ``?`` placeholders (the PostgreSQL backend's connection wrapper turns them into
+``%s``) and only SQL that SQLite (3.35+) and PostgreSQL share: ``ON CONFLICT``, ``RETURNING``.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Collection, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from datetime import UTC, datetime
+from typing import Any, Protocol, cast
+
+from sentlink.addresses import normalize_address
+from sentlink.model import Link, MessageInfo, Record, RecordKind
+from sentlink.store import (
+    Delivery,
+    DeliveryState,
+    LinkRow,
+    NewEvent,
+    OutboxRow,
+    UnmatchedRow,
+)
+
+log = logging.getLogger("sentlink.store")
+
+_CHUNK = 500  # bound on "IN (?, ...)" parameters per statement (SQLite's limit was 999)
+
+
+class Cursor(Protocol):
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Connection(Protocol):
+    def execute(self, sql: str, params: Sequence[Any] = ..., /) -> Cursor: ...
+
+    def executemany(self, sql: str, params: Iterable[Sequence[Any]], /) -> Any: ...
+
+
+def iso(ts: float | None) -> str:
+    if ts is None:
+        return ""
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+
+
+def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), _CHUNK):
+        yield items[start : start + _CHUNK]
+
+
+class SqlStore(ABC):
+    """Every query of the store; subclasses open connections and run transactions."""
+
+    # The first file of a message in the links listing: SQLite's rowid, PostgreSQL's seq column.
+    _FILE_ORDER = "rowid"
+    # Row locking for the claim: PostgreSQL lets concurrent workers skip each other's rows.
+    _SKIP_LOCKED = ""
+
+    @abstractmethod
+    def _write(self) -> AbstractContextManager[Connection]:
+        """A connection inside a write transaction, committed on exit, rolled back on error."""
+
+    @abstractmethod
+    def _read(self) -> AbstractContextManager[Connection]:
+        """A connection for reads (errors mapped to StoreError)."""
+
+    # records
+
+    def upsert_record(self, record: Record) -> None:
+        self.upsert_records([record])
+
+    def upsert_records(self, records: Iterable[Record]) -> int:
+        count = 0
+        with self._write() as conn:
+            for record in records:
+                self._upsert_record(conn, record)
+                count += 1
+        return count
+
+    @staticmethod
+    def _upsert_record(conn: Connection, record: Record) -> None:
+        conn.execute(
+            "INSERT INTO records (kind, id, name) VALUES (?, ?, ?)"
+            " ON CONFLICT (kind, id) DO UPDATE SET name = excluded.name",
+            (record.kind, record.id, record.name),
+        )
+        conn.execute(
+            "DELETE FROM record_emails WHERE kind = ? AND id = ?", (record.kind, record.id)
+        )
+        emails = dict.fromkeys(normalize_address(e) for e in record.emails)
+        conn.executemany(
+            "INSERT INTO record_emails (kind, id, email, position) VALUES (?, ?, ?, ?)",
+            [(record.kind, record.id, e, i) for i, e in enumerate(emails)],
+        )
+
+    def records_by_email(self, email: str) -> list[Record]:
+        with self._read() as conn:
+            keys = conn.execute(
+                "SELECT DISTINCT kind, id FROM record_emails WHERE email = ?", (email,)
+            ).fetchall()
+            return self._load_records(conn, keys)
+
+    @staticmethod
+    def _load_records(conn: Connection, keys: Iterable[tuple[str, str]]) -> list[Record]:
+        records = []
+        for kind, rid in keys:
+            row = conn.execute(
+                "SELECT name FROM records WHERE kind = ? AND id = ?", (kind, rid)
+            ).fetchone()
+            if row is None:
+                continue
+            emails = conn.execute(
+                "SELECT email FROM record_emails WHERE kind = ? AND id = ? ORDER BY position",
+                (kind, rid),
+            ).fetchall()
+            records.append(Record(cast(RecordKind, kind), rid, row[0], tuple(e for (e,) in emails)))
+        records.sort(key=lambda r: (r.kind != "contact", r.id))
+        return records
+
+    # messages
+
+    def has_message(self, account: str, uniq: str) -> bool:
+        return self.message_location(account, uniq) is not None
+
+    def message_location(self, account: str, uniq: str) -> tuple[str, str] | None:
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT folder, file FROM message_files WHERE account = ? AND uniq = ?",
+                (account, uniq),
+            ).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    def move_message(self, account: str, uniq: str, folder: str, file: str) -> bool:
+        with self._write() as conn:
+            cur = conn.execute(
+                "UPDATE message_files SET folder = ?, file = ? WHERE account = ? AND uniq = ?",
+                (folder, file, account, uniq),
+            )
+            return cur.rowcount > 0
+
+    def save_message(
+        self,
+        info: MessageInfo,
+        links: Sequence[Link],
+        events: Sequence[NewEvent] = (),
+        unmatched: Sequence[str] = (),
+        new_records: Sequence[Record] = (),
+    ) -> bool:
+        with self._write() as conn:
+            if conn.execute(
+                "SELECT 1 FROM message_files WHERE account = ? AND uniq = ?",
+                (info.account, info.uniq),
+            ).fetchone():
+                return False
+            if info.message_id:
+                row = conn.execute(
+                    "SELECT pk FROM messages WHERE account = ? AND message_id = ?",
+                    (info.account, info.message_id),
+                ).fetchone()
+                if row is not None:
+                    # Another copy of an indexed message: remember the file, link nothing.
+                    self._insert_file(conn, info, int(row[0]))
+                    return False
+            for record in new_records:
+                self._upsert_record(conn, record)
+            pk = int(
+                conn.execute(
+                    "INSERT INTO messages"
+                    " (account, message_id, direction, subject, date, private, indexed_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING pk",
+                    (
+                        info.account,
+                        info.message_id,
+                        info.direction,
+                        info.subject,
+                        info.date,
+                        int(info.private),
+                        datetime.now(UTC).isoformat(timespec="seconds"),
+                    ),
+                ).fetchone()[0]
+            )
+            self._insert_file(conn, info, pk)
+            conn.executemany(
+                "INSERT INTO links (message_pk, kind, record_id, email, role, via)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                [(pk, ln.record.kind, ln.record.id, ln.email, ln.role, ln.via) for ln in links],
+            )
+            conn.executemany(
+                "INSERT INTO unmatched (message_pk, email) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                [(pk, email) for email in unmatched],
+            )
+            for event in events:
+                self._insert_event(conn, event)
+            return True
+
+    @staticmethod
+    def _insert_file(conn: Connection, info: MessageInfo, pk: int) -> None:
+        conn.execute(
+            "INSERT INTO message_files (account, uniq, message_pk, folder, file)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (info.account, info.uniq, pk, info.folder, info.file),
+        )
+
+    @staticmethod
+    def _insert_event(conn: Connection, event: NewEvent) -> None:
+        row = conn.execute(
+            "INSERT INTO events (id, type, payload, records, created_at) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT (id) DO NOTHING RETURNING pk",
+            (event.id, event.type, event.payload, "\n".join(event.records), event.created_at),
+        ).fetchone()
+        if row is None:  # the same event was written before (a re-link): sent once already
+            return
+        pk = int(row[0])
+        conn.executemany(
+            "INSERT INTO event_records (event_pk, record) VALUES (?, ?) ON CONFLICT DO NOTHING",
+            [(pk, record) for record in event.records],
+        )
+        conn.executemany(
+            "INSERT INTO deliveries (event_pk, hook, state, attempts, next_at, since, last_error)"
+            " VALUES (?, ?, 'pending', 0, ?, ?, '')",
+            [(pk, hook, event.created_at, event.created_at) for hook in event.hooks],
+        )
+
+    def linked_records_for_message_ids(
+        self, account: str, message_ids: Sequence[str]
+    ) -> list[Record]:
+        ids = sorted({m for m in message_ids if m})
+        keys: set[tuple[str, str]] = set()
+        with self._read() as conn:
+            for chunk in _chunks(ids):
+                marks = ", ".join("?" * len(chunk))
+                rows = conn.execute(
+                    "SELECT DISTINCT l.kind, l.record_id FROM messages m"
+                    " JOIN links l ON l.message_pk = m.pk"
+                    f" WHERE m.account = ? AND m.private = 0 AND m.message_id IN ({marks})",
+                    (account, *chunk),
+                )
+                keys.update((k, r) for k, r in rows)
+            return self._load_records(conn, sorted(keys))
+
+    def query_links(
+        self,
+        account: str | None = None,
+        email: str | None = None,
+        record: tuple[str, str] | None = None,
+        message_id: str | None = None,
+    ) -> Iterator[LinkRow]:
+        where: list[str] = []
+        params: list[Any] = []
+        if account is not None:
+            where.append("m.account = ?")
+            params.append(account)
+        if email is not None:
+            where.append("l.email = ?")
+            params.append(email)
+        if record is not None:
+            where.append("l.kind = ? AND l.record_id = ?")
+            params.extend(record)
+        if message_id is not None:
+            where.append("m.message_id = ?")
+            params.append(message_id)
+        order = self._FILE_ORDER
+        sql = f"""
+            SELECT m.account, m.direction, m.message_id, m.subject, m.date,
+                   coalesce(f.folder, ''), coalesce(f.file, ''),
+                   l.kind, l.record_id, r.name, l.email, l.role, l.via
+            FROM links l
+            JOIN messages m ON m.pk = l.message_pk
+            JOIN records r ON r.kind = l.kind AND r.id = l.record_id
+            LEFT JOIN message_files f
+              ON f.{order} = (SELECT min({order}) FROM message_files WHERE message_pk = m.pk)
+        """
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY m.pk, l.kind, l.record_id, l.email"
+        return self._iter_links(sql, params)
+
+    def _iter_links(self, sql: str, params: list[Any]) -> Iterator[LinkRow]:
+        with self._read() as conn:
+            rows = conn.execute(sql, params).fetchall()
+        for row in rows:
+            yield {
+                "account": row[0],
+                "direction": row[1],
+                "message_id": row[2],
+                "subject": row[3],
+                "date": row[4],
+                "folder": row[5],
+                "file": row[6],
+                "record": {"kind": row[7], "id": row[8], "name": row[9], "email": row[10]},
+                "role": row[11],
+                "via": row[12],
+            }
+
+    def forget_missing(
+        self, account: str, present_uniqs: Collection[str], folder: str | None = None
+    ) -> int:
+        present = set(present_uniqs)
+        with self._write() as conn:
+            sql = "SELECT uniq, message_pk FROM message_files WHERE account = ?"
+            params: tuple[str, ...] = (account,)
+            if folder is not None:
+                sql += " AND folder = ?"
+                params += (folder,)
+            gone = [(u, pk) for u, pk in conn.execute(sql, params) if u not in present]
+            conn.executemany(
+                "DELETE FROM message_files WHERE account = ? AND uniq = ?",
+                [(account, u) for u, _pk in gone],
+            )
+            conn.executemany(
+                "DELETE FROM messages WHERE pk = ? AND NOT EXISTS"
+                " (SELECT 1 FROM message_files WHERE message_pk = messages.pk)",
+                [(pk,) for pk in {pk for _u, pk in gone}],
+            )
+        if gone:
+            log.info("account=%s forgot %d message files no longer present", account, len(gone))
+        return len(gone)
+
+    def forget_account(self, account: str) -> int:
+        with self._write() as conn:
+            # message_files and links go with their message (ON DELETE CASCADE).
+            return conn.execute("DELETE FROM messages WHERE account = ?", (account,)).rowcount
+
+    # outbox
+
+    def claim_deliveries(
+        self, hook: str, owner: str, limit: int, lease_seconds: float, now: float
+    ) -> list[Delivery]:
+        with self._write() as conn:
+            if conn.execute("SELECT 1 FROM hook_state WHERE hook = ?", (hook,)).fetchone():
+                return []
+            # An earlier pending event of this hook sharing a record holds this one back, so
+            # one record's events arrive in order; event_records only keeps rows of events
+            # still pending somewhere, which keeps this check small.
+            rows = conn.execute(
+                "SELECT d.event_pk, e.id, e.type, e.payload, d.attempts, d.since"
+                " FROM deliveries d JOIN events e ON e.pk = d.event_pk"
+                " WHERE d.hook = ? AND d.state = 'pending' AND d.next_at <= ?"
+                " AND (d.lease_until IS NULL OR d.lease_until <= ?)"
+                " AND NOT EXISTS (SELECT 1 FROM event_records r"
+                "   JOIN event_records p ON p.record = r.record AND p.event_pk < r.event_pk"
+                "   JOIN deliveries q ON q.event_pk = p.event_pk AND q.hook = d.hook"
+                "   WHERE r.event_pk = d.event_pk AND q.state = 'pending')"
+                f" ORDER BY d.event_pk LIMIT ?{self._SKIP_LOCKED}",
+                (hook, now, now, limit),
+            ).fetchall()
+            if not rows:
+                return []
+            conn.executemany(
+                "UPDATE deliveries SET lease_owner = ?, lease_until = ?"
+                " WHERE hook = ? AND event_pk = ?",
+                [(owner, now + lease_seconds, hook, row[0]) for row in rows],
+            )
+        return [Delivery(int(r[0]), hook, r[1], r[2], r[3], int(r[4]), float(r[5])) for r in rows]
+
+    def extend_lease(self, hook: str, owner: str, event_pks: Sequence[int], until: float) -> None:
+        with self._write() as conn:
+            conn.executemany(
+                "UPDATE deliveries SET lease_until = ?"
+                " WHERE hook = ? AND event_pk = ? AND lease_owner = ? AND state = 'pending'",
+                [(until, hook, pk, owner) for pk in event_pks],
+            )
+
+    def finish_delivery(
+        self,
+        hook: str,
+        event_pk: int,
+        state: DeliveryState,
+        next_at: float,
+        error: str,
+        now: float,
+    ) -> None:
+        with self._write() as conn:
+            conn.execute(
+                # A finished delivery keeps lease_owner: which worker delivered it.
+                "UPDATE deliveries SET state = ?, attempts = attempts + 1, next_at = ?,"
+                " lease_owner = CASE WHEN ? THEN NULL ELSE lease_owner END,"
+                " lease_until = NULL, last_error = ?, finished_at = ?"
+                " WHERE hook = ? AND event_pk = ?",
+                (
+                    state,
+                    next_at,
+                    state == "pending",
+                    error[:500],
+                    now if state != "pending" else None,
+                    hook,
+                    event_pk,
+                ),
+            )
+            if state != "pending":
+                self._release_records(conn, [event_pk])
+
+    @staticmethod
+    def _release_records(conn: Connection, event_pks: Iterable[int]) -> None:
+        """Forget the record keys of events no hook is waiting for any more."""
+        conn.executemany(
+            "DELETE FROM event_records WHERE event_pk = ? AND NOT EXISTS"
+            " (SELECT 1 FROM deliveries WHERE event_pk = ? AND state = 'pending')",
+            [(pk, pk) for pk in event_pks],
+        )
+
+    def disable_hook(self, hook: str, reason: str, now: float) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO hook_state (hook, disabled_at, reason) VALUES (?, ?, ?)"
+                " ON CONFLICT (hook) DO UPDATE SET disabled_at = excluded.disabled_at,"
+                " reason = excluded.reason",
+                (hook, now, reason[:500]),
+            )
+
+    def enable_hook(self, hook: str) -> bool:
+        with self._write() as conn:
+            return conn.execute("DELETE FROM hook_state WHERE hook = ?", (hook,)).rowcount > 0
+
+    def disabled_hooks(self) -> dict[str, str]:
+        with self._read() as conn:
+            return {h: r for h, r in conn.execute("SELECT hook, reason FROM hook_state")}
+
+    def outbox_rows(
+        self, states: Collection[str], hook: str | None = None, limit: int | None = None
+    ) -> Iterator[OutboxRow]:
+        wanted = sorted(states)
+        sql = (
+            "SELECT e.id, e.type, d.hook, d.state, d.attempts, e.created_at, d.next_at,"
+            " d.last_error, h.hook IS NOT NULL"
+            " FROM deliveries d JOIN events e ON e.pk = d.event_pk"
+            " LEFT JOIN hook_state h ON h.hook = d.hook"
+            f" WHERE d.state IN ({', '.join('?' * len(wanted))})"
+        )
+        params: list[Any] = list(wanted)
+        if hook is not None:
+            sql += " AND d.hook = ?"
+            params.append(hook)
+        sql += " ORDER BY d.event_pk, d.hook"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        with self._read() as conn:
+            rows = conn.execute(sql, params).fetchall()
+        for r in rows:
+            yield {
+                "id": r[0],
+                "type": r[1],
+                "hook": r[2],
+                "state": r[3],
+                "attempts": int(r[4]),
+                "created": iso(r[5]),
+                "next_attempt": iso(r[6]) if r[3] == "pending" else "",
+                "last_error": r[7],
+                "hook_disabled": bool(r[8]),
+            }
+
+    def _selected(
+        self, conn: Connection, hook: str | None, event_ids: Collection[str]
+    ) -> list[tuple[int, str]]:
+        sql = (
+            "SELECT d.event_pk, d.hook FROM deliveries d JOIN events e ON e.pk = d.event_pk"
+            " WHERE d.state IN ('pending', 'dead')"
+        )
+        params: list[Any] = []
+        if hook is not None:
+            sql += " AND d.hook = ?"
+            params.append(hook)
+        if not event_ids:
+            return [(int(pk), h) for pk, h in conn.execute(sql, params)]
+        found: list[tuple[int, str]] = []
+        for chunk in _chunks(sorted(event_ids)):
+            found += [
+                (int(pk), h)
+                for pk, h in conn.execute(
+                    sql + f" AND e.id IN ({', '.join('?' * len(chunk))})", [*params, *chunk]
+                )
+            ]
+        return found
+
+    def retry_deliveries(self, hook: str | None, event_ids: Collection[str], now: float) -> int:
+        with self._write() as conn:
+            chosen = self._selected(conn, hook, event_ids)
+            conn.executemany(
+                "UPDATE deliveries SET state = 'pending', next_at = ?, since = ?,"
+                " lease_owner = NULL, lease_until = NULL, finished_at = NULL"
+                " WHERE event_pk = ? AND hook = ?",
+                [(now, now, pk, h) for pk, h in chosen],
+            )
+            # A revived dead event takes its place in its records' order again.
+            for pk in sorted({pk for pk, _h in chosen}):
+                (records,) = conn.execute(
+                    "SELECT records FROM events WHERE pk = ?", (pk,)
+                ).fetchone()
+                conn.executemany(
+                    "INSERT INTO event_records (event_pk, record) VALUES (?, ?)"
+                    " ON CONFLICT DO NOTHING",
+                    [(pk, record) for record in records.split("\n") if record],
+                )
+        return len(chosen)
+
+    def drop_deliveries(self, hook: str | None, event_ids: Collection[str]) -> int:
+        with self._write() as conn:
+            chosen = self._selected(conn, hook, event_ids)
+            conn.executemany(
+                "DELETE FROM deliveries WHERE event_pk = ? AND hook = ?",
+                [(pk, h) for pk, h in chosen],
+            )
+            self._release_records(conn, {pk for pk, _h in chosen})
+        return len(chosen)
+
+    # unmatched addresses
+
+    def unmatched_addresses(self, account: str | None = None) -> list[UnmatchedRow]:
+        sql = (
+            "SELECT m.account, u.email, count(*), min(m.indexed_at), max(m.indexed_at)"
+            " FROM unmatched u JOIN messages m ON m.pk = u.message_pk"
+        )
+        params: list[Any] = []
+        if account is not None:
+            sql += " WHERE m.account = ?"
+            params.append(account)
+        sql += " GROUP BY m.account, u.email ORDER BY m.account, count(*) DESC, u.email"
+        with self._read() as conn:
+            rows = conn.execute(sql, params).fetchall()
+        return [
+            {"account": r[0], "email": r[1], "messages": int(r[2]), "first": r[3], "last": r[4]}
+            for r in rows
+        ]
+
+    def messages_for_emails(self, emails: Collection[str]) -> list[tuple[str, str]]:
+        found: set[tuple[str, str]] = set()
+        with self._read() as conn:
+            for chunk in _chunks(sorted(emails)):
+                rows = conn.execute(
+                    "SELECT f.account, min(f.uniq) FROM unmatched u"
+                    " JOIN message_files f ON f.message_pk = u.message_pk"
+                    f" WHERE u.email IN ({', '.join('?' * len(chunk))})"
+                    " GROUP BY f.message_pk, f.account",
+                    list(chunk),
+                )
+                found.update((a, u) for a, u in rows)
+        return sorted(found)
+
+    def forget_messages(self, keys: Collection[tuple[str, str]]) -> int:
+        count = 0
+        with self._write() as conn:
+            for account, uniq in keys:
+                count += conn.execute(
+                    "DELETE FROM messages WHERE pk ="
+                    " (SELECT message_pk FROM message_files WHERE account = ? AND uniq = ?)",
+                    (account, uniq),
+                ).rowcount
+        return count

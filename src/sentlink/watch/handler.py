@@ -1,0 +1,328 @@
+"""One new message file in a watched folder: rules, self-sent filing, duplicates, linking.
+
+The steps, for a file whose Maildir unique name the store has not indexed:
+
+1. read and parse the header section once (size-capped; the body is never parsed);
+2. user rules, then in INBOX the built-in self-sent rule, decide on a move, flags and linking;
+3. the move is a rename() into the target folder's ``cur/`` (atomic: the message is always in
+   exactly one folder; retried when a client renames the file meanwhile, see maildir/moves.py);
+4. in the Sent folder, copies with the same Message-ID and body are reduced to one visible copy;
+5. the message is indexed and linked: direction ``sent`` in the account's Sent folder (To/Cc/Bcc),
+   ``received`` elsewhere (From/Cc).
+
+A failure leaves the file where it is, unindexed: the next rescan tries again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from sentlink.config.models import AccountConfig, Config
+from sentlink.errors import ConfigError
+from sentlink.headers import DEFAULT_MAX_HEADER_BYTES, HeaderBlock, read_headers
+from sentlink.linker import Linker, LinkResult
+from sentlink.maildir import find_message, folder_path, move_message, resolve_owner, set_flags
+from sentlink.maildir.names import merge_flags, parse_flags, split_uniq
+from sentlink.model import Direction
+from sentlink.store import Store
+from sentlink.watch.duplicates import Copy, KeepPolicy, body_hash, resolve
+from sentlink.watch.known import KnownFile, KnownFiles
+from sentlink.watch.rules import Decision, MessageFacts, RuleSet, own_addresses, self_sent_reason
+
+log = logging.getLogger("sentlink.watch")
+
+
+@dataclass(frozen=True)
+class WatchPolicy:
+    """The watcher's settings, checked once at start."""
+
+    rules: RuleSet = field(default_factory=RuleSet)
+    self_sent_require: str = "none"
+    keep: KeepPolicy = "client"
+    secret: bytes | None = None
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+
+    @classmethod
+    def from_config(cls, config: Config, secret: bytes | None) -> WatchPolicy:
+        if config.self_sent.require == "dkim":
+            raise ConfigError(["self_sent.require: dkim is not supported yet (use none or trace)"])
+        return cls(
+            rules=RuleSet.compile(config.watch.rules),
+            self_sent_require=config.self_sent.require,
+            keep=config.duplicates.keep,
+            secret=secret,
+            max_header_bytes=(
+                config.milter.max_header_bytes if config.milter else DEFAULT_MAX_HEADER_BYTES
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one file. ``status`` is the linker's, or vanished/error/duplicate."""
+
+    status: str
+    folder: str
+    moved: bool = False
+    removed: int = 0  # our duplicate copies deleted
+    trashed: int = 0  # foreign duplicate copies flagged T
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What ``--dry-run`` shows for one file."""
+
+    account: str
+    folder: str
+    file: str
+    message_id: str
+    decision: Decision
+    direction: Direction
+
+    def describe(self) -> str:
+        return self.decision.describe()
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "account": self.account,
+            "folder": self.folder,
+            "file": self.file,
+            "message_id": self.message_id,
+            "reasons": list(self.decision.reasons),
+            "move": self.decision.move,
+            "flags": self.decision.flags,
+            "link": self.decision.link,
+            "direction": self.direction,
+        }
+
+
+def direction_of(account: AccountConfig, folder: str) -> Direction:
+    return "sent" if folder == account.sent_folder else "received"
+
+
+def relative(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+class MessageHandler:
+    """Carries out the steps above for one file at a time (one worker thread calls it)."""
+
+    def __init__(
+        self, store: Store, linker: Linker, policy: WatchPolicy, known: KnownFiles
+    ) -> None:
+        self._store = store
+        self._linker = linker
+        self._policy = policy
+        self._known = known
+        self._own: dict[str, frozenset[str]] = {}
+        # Rows of duplicate copies we deleted, forgotten in one store call per folder.
+        self._forget: dict[tuple[str, str], set[str]] = {}
+
+    @property
+    def known(self) -> KnownFiles:
+        return self._known
+
+    def _own_of(self, account: AccountConfig) -> frozenset[str]:
+        if account.name not in self._own:
+            self._own[account.name] = own_addresses(account)
+        return self._own[account.name]
+
+    def decide(
+        self, account: AccountConfig, folder: str, headers: HeaderBlock
+    ) -> tuple[Decision, MessageFacts]:
+        facts = MessageFacts(headers, self._policy.secret)
+        decision = self._policy.rules.decide(facts)
+        if decision.move is None and folder.upper() == "INBOX":
+            why = self_sent_reason(
+                facts, account.name, self._own_of(account), self._policy.self_sent_require
+            )
+            if why is not None:
+                decision = replace(
+                    decision,
+                    move=account.sent_folder,
+                    flags=merge_flags(decision.flags, "S"),
+                    reasons=(*decision.reasons, why),
+                )
+        if decision.move is not None and decision.move == folder:
+            decision = replace(decision, move=None)
+        return decision, facts
+
+    def explain(self, account: AccountConfig, folder: str, path: Path) -> Plan:
+        """What :meth:`handle` would do with ``path``, changing nothing."""
+        headers = read_headers(path, self._policy.max_header_bytes)
+        decision, _facts = self.decide(account, folder, headers)
+        target = decision.move or folder
+        _info, _links, result = self._linker.plan(
+            account, target, split_uniq(path.name), "", headers, direction_of(account, target)
+        )
+        return Plan(
+            account.name,
+            folder,
+            relative(path, account.maildir),
+            result.message_id,
+            decision,
+            direction_of(account, target),
+        )
+
+    def handle(self, account: AccountConfig, folder: str, path: Path) -> Outcome:
+        """Handle one file not yet indexed. Raises FileNotFoundError when it vanished, and
+        StoreError/CaptureError/OSError on failures (the caller logs; the rescan retries)."""
+        headers = read_headers(path, self._policy.max_header_bytes)
+        decision, facts = self.decide(account, folder, headers)
+        moved = False
+        if decision.move is not None:
+            owner = resolve_owner(account.owner)
+            path = move_message(path, account.maildir, decision.move, owner, decision.flags)
+            log.info(
+                "account=%s file=%s moved %s -> %s (%s)",
+                account.name,
+                path.name,
+                folder,
+                decision.move,
+                ", ".join(decision.reasons),
+            )
+            folder, moved = decision.move, True
+        elif decision.flags:
+            path = set_flags(path, merge_flags(parse_flags(path.name), decision.flags))
+        direction = direction_of(account, folder)
+        uniq = split_uniq(path.name)
+        info, links, result = self._linker.plan(
+            account, folder, uniq, relative(path, account.maildir), headers, direction
+        )
+        if not decision.link and links:
+            links = []
+            result = LinkResult("skipped", ", ".join(decision.reasons), 0, info.message_id)
+        trashed = 0
+        forget: list[KnownFile] = []
+        if direction == "sent" and info.message_id:
+            kept, forget, trashed = self._deduplicate(account, folder, path, facts, info.message_id)
+            if kept is None:
+                self._flush_forget_later(account.name, folder, [], forget)
+                return Outcome("duplicate", folder, moved, removed=1 + len(forget), trashed=trashed)
+            if kept != path:
+                path = kept
+                info = replace(info, file=relative(path, account.maildir))
+        saved = self._linker.save(info, links, result, headers, path)
+        status = result.status if saved else "already"
+        if saved and result.status == "linked":
+            log.info(
+                "account=%s message_id=%s linked records=%d file=%s",
+                account.name,
+                info.message_id,
+                len(links),
+                info.file,
+            )
+        self._flush_forget_later(account.name, folder, [], forget)
+        return Outcome(status, folder, moved, removed=len(forget), trashed=trashed)
+
+    def _deduplicate(
+        self,
+        account: AccountConfig,
+        folder: str,
+        path: Path,
+        facts: MessageFacts,
+        message_id: str,
+    ) -> tuple[Path | None, list[KnownFile], int]:
+        """Reduce the copies of ``message_id`` in Sent to one visible copy.
+
+        Returns the new file's path (None when it was deleted as a duplicate), the indexed
+        copies deleted, and how many copies were flagged T.
+        """
+        uniq = split_uniq(path.name)
+        others: list[tuple[KnownFile, Path]] = []
+        for known in self._known.message_files(account.name, message_id):
+            if known.folder != folder or known.uniq == uniq:
+                continue
+            found = self._locate(account, known)
+            if found is not None and "T" not in parse_flags(found.name):
+                others.append((known, found))
+        if not others:
+            return path, [], 0
+        mine = body_hash(path)
+        same = [(k, p) for k, p in others if _same_body(p, mine)]
+        if not same:
+            log.info(
+                "account=%s message_id=%s reused with a different body: all copies kept",
+                account.name,
+                message_id,
+            )
+            return path, [], 0
+        copies = [Copy(p, self._is_ours(account, p), False) for _k, p in same]
+        new = Copy(path, facts.trace_account == account.name, True)
+        resolution = resolve([*copies, new], self._policy.keep)
+        by_path = {p: k for k, p in same}
+        forget: list[KnownFile] = []
+        kept: Path | None = path
+        for copy in resolution.delete:
+            os.unlink(copy.path)
+            log.info(
+                "account=%s message_id=%s duplicate copy %s removed (ours; keep=%s)",
+                account.name,
+                message_id,
+                copy.path.name,
+                self._policy.keep,
+            )
+            if copy.new:
+                kept = None
+            else:
+                forget.append(by_path[copy.path])
+        for copy in resolution.trash:
+            flagged = set_flags(copy.path, merge_flags(parse_flags(copy.path.name), "T"))
+            log.info(
+                "account=%s message_id=%s duplicate copy %s flagged T (not ours; keep=%s)",
+                account.name,
+                message_id,
+                flagged.name,
+                self._policy.keep,
+            )
+            if copy.new:
+                kept = flagged
+            else:
+                k = by_path[copy.path]
+                self._store.move_message(
+                    account.name, k.uniq, folder, relative(flagged, account.maildir)
+                )
+        return kept, forget, len(resolution.trash)
+
+    def _locate(self, account: AccountConfig, known: KnownFile) -> Path | None:
+        path = account.maildir / known.file
+        if path.exists():
+            return path
+        return find_message(folder_path(account.maildir, known.folder), known.uniq)
+
+    def _is_ours(self, account: AccountConfig, path: Path) -> bool:
+        try:
+            headers = read_headers(path, self._policy.max_header_bytes)
+        except OSError:
+            return False
+        return MessageFacts(headers, self._policy.secret).trace_account == account.name
+
+    def _flush_forget_later(
+        self, account: str, folder: str, uniqs: list[str], known: list[KnownFile]
+    ) -> None:
+        names = set(uniqs) | {k.uniq for k in known}
+        if names:
+            self._forget.setdefault((account, folder), set()).update(names)
+
+    def flush(self) -> None:
+        """Drop the store rows of the duplicate copies deleted since the last call."""
+        pending, self._forget = self._forget, {}
+        for (account, folder), gone in pending.items():
+            indexed = self._known.folder_files(account, folder)
+            if indexed is None:
+                continue
+            present = set(indexed) - gone
+            self._store.forget_missing(account, present, folder)
+
+
+def _same_body(path: Path, digest: str) -> bool:
+    try:
+        return body_hash(path) == digest
+    except FileNotFoundError:
+        return False

@@ -1,0 +1,98 @@
+"""``sentlink watch --once`` and ``--dry-run``: one reconcile of the watched folders, then exit.
+
+The command line draws the progress bar and prints; this module only does the work, so the same
+reconcile runs in tests and benchmarks without a terminal.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from sentlink.config.models import AccountConfig, Config
+from sentlink.linker import Linker
+from sentlink.store import Store
+from sentlink.watch.handler import MessageHandler, Plan, WatchPolicy
+from sentlink.watch.known import known_files_for
+from sentlink.watch.scan import (
+    FolderRef,
+    ScanSummary,
+    pending_by_folder,
+    scan_folders,
+    watched_folders,
+)
+
+log = logging.getLogger("sentlink.watch")
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """A file ``--dry-run`` could not read (vanished or unreadable)."""
+
+    account: str
+    folder: str
+    file: str
+    error: str
+
+    def describe(self) -> str:
+        return f"cannot read: {self.error}"
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "account": self.account,
+            "folder": self.folder,
+            "file": self.file,
+            "error": self.error,
+        }
+
+
+class Reconcile:
+    """One pass over the watched folders of ``accounts``; use as a context manager."""
+
+    def __init__(
+        self,
+        config: Config,
+        accounts: Sequence[AccountConfig],
+        store: Store,
+        secret: bytes | None,
+    ) -> None:
+        self.refs = watched_folders(config, accounts)
+        self._store = store
+        self._linker = Linker(store, config)
+        self._known = known_files_for(store)
+        self._handler = MessageHandler(
+            store, self._linker, WatchPolicy.from_config(config, secret), self._known
+        )
+
+    def __enter__(self) -> Reconcile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._known.close()
+
+    def pending(self, record_moves: bool = True) -> dict[FolderRef, list[Path]]:
+        """New files per folder (a directory listing and a set difference per folder)."""
+        return pending_by_folder(self.refs, self._store, self._known, record_moves)
+
+    def run(
+        self,
+        pending: dict[FolderRef, list[Path]],
+        progress: Callable[[int], None] | None = None,
+    ) -> ScanSummary:
+        return scan_folders(self.refs, self._store, self._linker, progress, self._handler, pending)
+
+    def explain(self, pending: dict[FolderRef, list[Path]]) -> Iterator[Plan | Unreadable]:
+        """What ``run`` would do with each file, changing nothing."""
+        for ref, paths in pending.items():
+            for path in paths:
+                try:
+                    yield self._handler.explain(ref.account, ref.folder, path)
+                except OSError as exc:
+                    yield Unreadable(
+                        ref.account.name,
+                        ref.folder,
+                        str(path.relative_to(ref.account.maildir)),
+                        exc.strerror or str(exc),
+                    )
