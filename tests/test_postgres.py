@@ -72,6 +72,17 @@ def test_postgres_store_keeps_the_store_contract(pg_cluster: PgCluster) -> None:
     store.finish_delivery("crm", 1, "dead", now, "HTTP 400", now)
     assert [r["id"] for r in store.outbox_rows({"dead"})] == ["e1"]
     assert store.retry_deliveries("crm", set(), now) == 1
+    m3 = msg("u3", "m3@x")
+    assert store.save_message(m3, [], [], ["dana@newco.test"])  # crm.unmatched: review
+    (unmatched,) = store.unmatched_addresses("alice")
+    assert (unmatched["account"], unmatched["email"], unmatched["messages"]) == (
+        "alice",
+        "dana@newco.test",
+        1,
+    )
+    assert store.messages_for_emails({"dana@newco.test"}) == [("alice", "u3")]
+    assert store.forget_messages([("alice", "u3")]) == 1
+    assert store.unmatched_addresses() == []
     assert store.forget_missing("alice", {"u2"}) == 1
     assert store.forget_account("alice") == 1
     store.close()

@@ -225,3 +225,23 @@ def test_upstream_down_gets_a_temporary_failure(
         assert err.value.smtp_code == 454
     finally:
         closed.close()
+
+
+def test_large_message_goes_upstream_in_bdat_chunks_unchanged(
+    mail_lab: MailLab, via_postfix: ProxyThread
+) -> None:
+    # Postfix offers CHUNKING (RFC 3030): the proxy sends the spooled message in BDAT chunks.
+    message_id = mid("large")
+    body = "".join(f".{'x' * 70} {i:07d}\n" for i in range(12_000))  # ~1 MB, 4 chunks
+    with via_postfix.client() as smtp:
+        smtp.login(ALICE, alice_password(mail_lab))
+        message = build_message(ALICE, [OUTSIDE], message_id=message_id, body=body)
+        smtp.sendmail(ALICE, [OUTSIDE], message)
+    relayed = mail_lab.postfix.wait_relayed(message_id)[0]
+    assert relayed.data.endswith(body.encode())
+    copy = next(
+        p
+        for p in sent_files(mail_lab.postfix.mailbox("alice"))
+        if parse_headers(p.read_bytes())["Message-ID"] == message_id
+    )
+    assert copy.read_bytes().endswith(body.encode())

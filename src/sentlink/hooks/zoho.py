@@ -218,7 +218,9 @@ class ZohoCrmHook:
             if found is not None:
                 targets.setdefault(found, email)
         if not targets:
-            log.debug("zoho %s: event %s: no Zoho record for %s", self._name, event.id, emails)
+            log.debug(
+                "zoho %s: event %s: no Zoho record for %s", self._name, event.id, ", ".join(emails)
+            )
             return Result.done()
         for (module, record_id), email in targets.items():
             self._associate(module, record_id, _email_entry(event, data))
@@ -239,6 +241,12 @@ class ZohoCrmHook:
             query = urlencode({"email": email, "per_page": 1})
             answer = self._call("GET", f"{API}/{module}/search?{query}", None)
             if answer.status == 204:
+                continue
+            if answer.status == 400:
+                # An address Zoho's search cannot take (INVALID_QUERY): not a reason to hold
+                # back the message's other records.
+                reason = _failed(f"search {module}", answer).reason
+                log.warning("zoho %s: %s (address %s)", self._name, reason, email)
                 continue
             if answer.status != 200:
                 raise _Stop(_failed(f"search {module}", answer))

@@ -128,8 +128,9 @@ class ProxySMTP(SMTP):
         """aiosmtpd's DATA with the message streamed to a spool instead of held in memory.
 
         The rules are aiosmtpd's (end of data is CRLF.CRLF only, the size limit counts bytes
-        as sent, 1001-byte lines) plus ours: a bare CR or LF refuses the message. Whatever is
-        wrong, the client's data is read to its end first, then refused (RFC 5321 4.2.5).
+        as sent, 1001-byte lines) plus ours: a bare CR or LF refuses the message and ends the
+        session. Whatever is wrong, the client's data is read to its end first, then refused
+        (RFC 5321 4.2.5).
         """
         if await self.check_helo_needed():
             return
@@ -161,6 +162,12 @@ class ProxySMTP(SMTP):
             spool.close()
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push("250 OK" if status is MISSING else status)
+        if receiver.problem == "bare_line_ending":
+            # Like Postfix's smtpd_forbid_bare_newline: whatever the client pipelined behind
+            # such a message (a smuggling attempt's second transaction) is never read.
+            assert self._handler_coroutine is not None and self.transport is not None
+            self._handler_coroutine.cancel()
+            self.transport.close()
 
     async def _refuse(self, problem: str) -> str:
         """Nothing was relayed: end the upstream transaction too, and say why."""
