@@ -204,6 +204,33 @@ def test_root_process_writes_every_file_owned_by_the_mailbox_owner(tmp_path: Pat
 
 
 @needs_root
+def test_concurrent_first_deliveries_into_a_new_mailbox_all_succeed(tmp_path: Path) -> None:
+    # Several SMTP sessions file the first copies of a mailbox at once: one creates and chowns
+    # each directory while the others already look at it.
+    import threading
+
+    root = tmp_path / "new-mailbox"
+    errors: list[BaseException] = []
+    paths: list[Path] = []
+
+    def one() -> None:
+        try:
+            paths.append(deliver(root, owner=OTHER))
+        except BaseException as exc:
+            errors.append(exc)
+
+    for _ in range(5):
+        threads = [threading.Thread(target=one) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        root = tmp_path / f"new-mailbox-{len(paths)}"
+    assert errors == []
+    assert len(paths) == 40 and all(p.exists() for p in paths)
+
+
+@needs_root
 def test_unprivileged_process_refuses_to_write_for_another_owner(tmp_path: Path) -> None:
     root = tmp_path / "alice"
     read_end, write_end = os.pipe()

@@ -12,6 +12,8 @@ from __future__ import annotations
 import errno
 import os
 import pwd
+import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,13 +109,34 @@ def open_dir(name: str, dir_fd: int | None, owner: Owner, path: Path) -> int:
     return fd
 
 
+_CREATE_ATTEMPTS = 20
+
+
+def _ours_mid_creation(name: str, dir_fd: int | None, owner: Owner) -> bool:
+    if not needs_chown(owner):
+        return False
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError:
+        return False
+    # Still ours (not chowned yet), or chowned since open_dir looked: worth another look.
+    return stat.S_ISDIR(st.st_mode) and st.st_uid in (os.geteuid(), owner.uid)
+
+
 def open_or_create_dir(name: str, dir_fd: int | None, owner: Owner, path: Path) -> int:
     """``open_dir``, creating the directory first (mode 0700, owned by ``owner``) if missing."""
-    for _ in range(3):
+    for attempt in range(_CREATE_ATTEMPTS):
         try:
             return open_dir(name, dir_fd, owner, path)
         except FileNotFoundError:
             pass
+        except CaptureError:
+            # Another thread or process may have just made it (mkdir, then chown): a directory
+            # still owned by us, not yet by the mailbox owner. Give it a moment to be chowned.
+            if not _ours_mid_creation(name, dir_fd, owner) or attempt == _CREATE_ATTEMPTS - 1:
+                raise
+            time.sleep(0.01)
+            continue
         try:
             os.mkdir(name, 0o700, dir_fd=dir_fd)
         except FileExistsError:
