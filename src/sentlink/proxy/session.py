@@ -2,8 +2,9 @@
 
 aiosmtpd parses; the handlers (submission.py, content_filter.py) decide. This subclass adds
 only what the protocol engine must do itself: the session limit and the idle timeout answer
-421 (RFC 5321 4.2.2, 3.8), and state (the upstream connection) is dropped at STARTTLS, as
-RFC 3207 4.2 requires for everything learnt before it.
+421 (RFC 5321 4.2.2, 3.8), state (the upstream connection) is dropped at STARTTLS, as
+RFC 3207 4.2 requires for everything learnt before it, and DATA streams into a spool
+(spool.py) instead of being held whole in memory.
 """
 
 from __future__ import annotations

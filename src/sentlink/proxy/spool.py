@@ -163,14 +163,3 @@ def _with_prefix(prefix: bytes, spool: Spool) -> Iterator[bytes]:
     if prefix:
         yield prefix
     yield from spool.chunks()
-
-
-def spool_bytes(data: bytes) -> Spool:
-    """A spool holding ``data`` (tests and callers that already have the bytes)."""
-    spool = Spool()
-    spool.write(data)
-    spool.finish()
-    return spool
-
-
-__all__ = ["CHUNK", "DataReceiver", "Spool", "dot_stuffed", "spool_bytes"]
