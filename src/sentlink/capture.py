@@ -30,6 +30,7 @@ from sentlink.addresses import AmbiguousAddressError, normalize_address, parse_m
 from sentlink.config.models import AccountConfig
 from sentlink.errors import CaptureError
 from sentlink.maildir import MaildirDelivery, resolve_owner
+from sentlink.metrics import Histogram
 from sentlink.model import Envelope
 from sentlink.trace import TRACE_HEADER, sign
 
@@ -53,6 +54,17 @@ class Counters:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._counts: dict[tuple[str, str], int] = {}
+        self.timings: dict[str, Histogram] = {}
+
+    def observe(self, name: str, seconds: float) -> None:
+        """Record a duration in the histogram ``sentlink_<name>_seconds``."""
+        histogram = self.timings.get(name)
+        if histogram is None:
+            with self._lock:
+                histogram = self.timings.setdefault(
+                    name, Histogram(f"sentlink_{name}_seconds", f"Time spent in {name}")
+                )
+        histogram.observe(seconds)
 
     def add(self, event: str, reason: str = "") -> None:
         with self._lock:

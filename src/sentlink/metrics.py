@@ -80,9 +80,14 @@ class Registry:
 
     sources: list[Callable[[], Iterable[Sample]]] = field(default_factory=list)
     histograms: list[Histogram] = field(default_factory=list)
+    histogram_sources: list[Callable[[], Iterable[Histogram]]] = field(default_factory=list)
 
     def add_source(self, source: Callable[[], Iterable[Sample]]) -> None:
         self.sources.append(source)
+
+    def add_histograms(self, source: Callable[[], Iterable[Histogram]]) -> None:
+        """Histograms that appear while running (created on first observation)."""
+        self.histogram_sources.append(source)
 
     def histogram(self, name: str, help: str) -> Histogram:
         h = Histogram(name, help)
@@ -108,7 +113,10 @@ class Registry:
                     if labels
                     else f"{name} {_number(s.value)}"
                 )
-        for h in self.histograms:
+        histograms = list(self.histograms)
+        for hsource in self.histogram_sources:
+            histograms.extend(hsource())
+        for h in sorted(histograms, key=lambda h: h.name):
             lines.extend(h.render())
         return "\n".join(lines) + "\n"
 

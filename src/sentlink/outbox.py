@@ -81,6 +81,9 @@ class OutboxWorker:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._results_lock = threading.Lock()
+        self.results: dict[tuple[str, str], int] = {}
+        """Deliveries by (hook, outcome) since start, for the metrics endpoint."""
 
     # running
 
@@ -137,7 +140,11 @@ class OutboxWorker:
                 lease_end = time.time() + lease
                 rest = [d.event_pk for d in claimed[index:]]
                 self._store.extend_lease(name, self.owner, rest, lease_end)
-            if self._deliver(runner, delivery) == "disabled":
+            outcome = self._deliver(runner, delivery)
+            with self._results_lock:
+                key = (runner.hook.name, outcome)
+                self.results[key] = self.results.get(key, 0) + 1
+            if outcome == "disabled":
                 rest = [d.event_pk for d in claimed[index + 1 :]]
                 self._store.extend_lease(name, self.owner, rest, 0.0)
                 break
@@ -296,3 +303,7 @@ class OutboxComponent:
 
     def stop(self, timeout: float) -> None:
         self._worker.stop(timeout)
+
+    def results(self) -> dict[tuple[str, str], int]:
+        """Deliveries by (hook, outcome) of the running worker."""
+        return dict(self._worker.results)

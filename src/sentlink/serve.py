@@ -223,8 +223,13 @@ def serve(
             with_proxy=with_proxy,
             with_outbox=with_outbox,
         )
-    except ConfigError as exc:
-        for problem in exc.problems:
+        if config.metrics is not None:
+            from sentlink.serve_metrics import MetricsComponent
+
+            components.append(MetricsComponent(config, store, counters, components))
+    except (ConfigError, OSError) as exc:
+        problems = exc.problems if isinstance(exc, ConfigError) else [f"metrics: {exc}"]
+        for problem in problems:
             log.error("cannot start: %s", problem)
         store.close()
         for sig, handler in previous.items():

@@ -12,6 +12,7 @@ import enum
 import functools
 import logging
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Concatenate, ParamSpec, TypeVar, cast
@@ -310,6 +311,7 @@ class SentlinkMilter(Milter.Base):  # type: ignore[misc]
         return CONTINUE
 
     def eom(self) -> int:
+        started = time.monotonic()
         try:
             msg = self._msg
             if msg is not None:
@@ -324,6 +326,8 @@ class SentlinkMilter(Milter.Base):  # type: ignore[misc]
             self._capture_failed(exc)
         finally:
             self._drop_message()
+            # What the MTA waits for at end of message: the copy's fsync and link into cur/.
+            self._deps.counters.observe("milter_eom", time.monotonic() - started)
         return CONTINUE
 
     def abort(self) -> int:
