@@ -7,7 +7,7 @@ CONFIG ?= config/sentlink.yaml
 DEB_PACKAGES := postfix libmilter-dev dovecot-imapd dovecot-pop3d dovecot-lmtpd fetchmail \
                 getmail6 swaks miltertest postgresql groff-base
 
-.PHONY: run test lint typecheck unit venv deb bench clean
+.PHONY: run test lint typecheck unit venv deb bench demo dist clean
 
 $(BIN)/sentlink: pyproject.toml
 	@if [ "$$(id -u)" = 0 ] && ! dpkg -s libmilter-dev >/dev/null 2>&1; then $(MAKE) deb; fi
@@ -34,14 +34,25 @@ deb:
 	fi
 
 lint: venv
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench demo
+	$(BIN)/ruff format --check src tests bench demo
 
 typecheck: venv
 	$(BIN)/mypy --strict src
 
 test: deb venv lint typecheck
 	$(BIN)/pytest -q -ra
+
+# A private Postfix on loopback wired to sentlink, three sample messages, their Sent copies and
+# links; everything it starts is stopped again (root; the system's Postfix is not touched).
+demo: deb venv
+	$(BIN)/python demo/demo.py
+
+# sdist and wheel in dist/ (building the wheel needs nothing but Python; installing it needs
+# libmilter-dev, gcc and the Python headers for pymilter).
+dist: venv
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
 
 bench: deb venv
 	$(BIN)/python bench/run.py
