@@ -223,6 +223,27 @@ def match(obj: Context, address: str, as_json: bool) -> None:
         click.echo(f"  {r.kind}:{r.id}\t{r.name}\t{', '.join(r.emails)}")
 
 
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+@click.pass_obj
+def status(obj: Context, as_json: bool) -> None:
+    """Show whether serve runs, its components, the last rescan, outbox depths and disabled hooks.
+
+    Reads the state serve writes to status_file every few seconds, and the store. Exits 0 when
+    serve runs with every component up, 69 (EX_UNAVAILABLE) otherwise.
+    """
+    from sentlink.status import healthy, read_status, render
+    from sentlink.store import Store
+
+    config = obj.load()
+    with _store(config) as raw:
+        store: Store = raw  # type: ignore[assignment]
+        state = read_status(config.status_file, store)
+    click.echo(json.dumps(state) if as_json else render(state), nl=as_json)
+    if not healthy(state):
+        raise SystemExit(sysexits.UNAVAILABLE)
+
+
 @cli.command("postfix-config")
 @click.option(
     "--queue-directory",

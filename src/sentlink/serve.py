@@ -32,6 +32,8 @@ log = logging.getLogger("sentlink.serve")
 
 # How long SIGTERM waits for in-flight work (an SMTP session's copy, a link) before exiting.
 STOP_TIMEOUT = 20.0
+# How often serve refreshes its status file for `sentlink status`.
+STATUS_INTERVAL = 5.0
 
 
 class Component(Protocol):
@@ -244,7 +246,11 @@ def serve(
         notifier.ready(f"serving {names}")
         tick = min(1.0, notifier.watchdog_interval or 1.0)
         next_ping = time.monotonic()
+        started, next_status = time.time(), 0.0
         while not stopping.is_set():
+            if time.monotonic() >= next_status:
+                publish_status(config, components, counters, started)
+                next_status = time.monotonic() + STATUS_INTERVAL
             wake.wait(tick)
             wake.clear()
             if notifier.watchdog_interval and time.monotonic() >= next_ping:
@@ -266,6 +272,17 @@ def serve(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return code
+
+
+def publish_status(
+    config: Config, components: list[Component], counters: Counters, started: float
+) -> None:
+    from sentlink.status import serve_state, write_state
+
+    try:
+        write_state(config.status_file, serve_state(components, counters, started))
+    except OSError as exc:
+        log.warning("cannot write %s: %s", config.status_file, exc)
 
 
 def reload(

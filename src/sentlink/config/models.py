@@ -197,6 +197,7 @@ class Config:
     """The whole file. ``path`` is where it was read from (relative paths resolve against cwd)."""
 
     site_secret_file: Path = Path("./var/site.secret")
+    status_file: Path = Path("./var/status.json")
     store: StoreConfig = field(default_factory=StoreConfig)
     internal_domains: tuple[str, ...] = ()
     accounts: tuple[AccountConfig, ...] = ()
