@@ -131,3 +131,29 @@ def test_sigterm_stops_serve_promptly_with_exit_0_and_removes_the_socket(
     assert time.monotonic() - started < 20
     assert not (lab_tmp_path / "milter.sock").exists()
     assert "SIGTERM: stopping" in s.serve.log_text()
+
+
+def test_sigterm_lets_an_smtp_session_in_flight_finish_its_message(
+    lab_tmp_path: Path, mail_lab_factory: Callable[..., MailLab]
+) -> None:
+    import smtplib
+
+    s = start_setup(lab_tmp_path, mail_lab_factory)
+    mid = f"<{unique('drain')}@example.test>"
+    message = build_message(ALICE, ["bob@customer.test"], "in flight", message_id=mid)
+    password = next(u.password for u in s.postfix.users if u.address == ALICE)
+    with smtplib.SMTP("127.0.0.1", s.postfix.submission_port, timeout=30) as smtp:
+        smtp.login(ALICE, password)
+        smtp.mail(ALICE)
+        smtp.rcpt("bob@customer.test")
+        smtp.rcpt("hidden@customer.test")
+        # The session (and its milter connection) is open when SIGTERM arrives.
+        assert s.serve.proc is not None
+        s.serve.proc.send_signal(signal.SIGTERM)
+        wait_log(s, r"SIGTERM: stopping")
+        code, _ = smtp.data(message)
+        assert code == 250
+    path, head = sent_copy(s.alice_sent, mid)
+    assert b"Bcc: hidden@customer.test" in head
+    assert s.serve.stop() == 0
+    assert not (lab_tmp_path / "milter.sock").exists()

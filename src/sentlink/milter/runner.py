@@ -19,13 +19,21 @@ from sentlink.capture import Counters, SentCopyWriter
 from sentlink.config.listen import parse_listen
 from sentlink.config.models import Config
 from sentlink.errors import ConfigError, SentlinkError
-from sentlink.milter.session import ACTIONS, DepsHolder, deps_from_config, make_factory
+from sentlink.milter.session import (
+    ACTIONS,
+    ActiveSessions,
+    DepsHolder,
+    deps_from_config,
+    make_factory,
+)
 from sentlink.secret import load_or_create_secret
 
 log = logging.getLogger(__name__)
 
 MILTER_NAME = "sentlink"
 _STOP_POLL_SECONDS = 0.2
+# How long a stop waits for open MTA connections to finish (serve allows 20 s per component).
+DRAIN_SECONDS = 15.0
 _STOP_WAKE_INTERVAL = 0.05
 _STOP_WAKE_LIMIT_SECONDS = 6.0  # past libmilter's poll timeout the stop gets through anyway
 
@@ -172,7 +180,8 @@ def run_milter(
 
     if holder is not None:
         holder.replace(deps)
-    Milter.factory = make_factory(holder if holder is not None else deps)
+    sessions = ActiveSessions()
+    Milter.factory = make_factory(holder if holder is not None else deps, sessions)
     Milter.set_flags(ACTIONS)
     # pymilter's default turns an exception escaping a callback into 451; we never block mail.
     Milter.set_exception_policy(Milter.CONTINUE)
@@ -197,14 +206,48 @@ def run_milter(
             if gid is not None:
                 os.chown(path, -1, gid)
             warn_if_unreachable(path, gid)
-        _serve(conn, stop_event)
+        _serve(conn, stop_event, Drain(sessions, path))
     finally:
         if path is not None:
             path.unlink(missing_ok=True)
+            _draining_path(path).unlink(missing_ok=True)
         log.info("milter stopped")
 
 
-def _serve(conn: str, stop_event: threading.Event | None) -> None:
+class Drain:
+    """A stop that lets the MTA connections in flight finish first (SIGTERM drains).
+
+    libmilter's smfi_stop() ends the sessions in flight too, so it comes last: first the
+    socket's name moves aside, so new connections fail at once (the MTA's default_action=accept
+    takes over), then the open sessions get up to DRAIN_SECONDS to finish their messages.
+    """
+
+    def __init__(self, sessions: ActiveSessions, path: Path | None) -> None:
+        self._sessions = sessions
+        self._path = path
+
+    def begin(self, conn: str) -> str:
+        """Stop taking connections; the address to wake the listener through afterwards."""
+        if self._path is None:
+            return conn
+        aside = _draining_path(self._path)
+        try:
+            os.replace(self._path, aside)
+        except OSError as exc:
+            log.warning("cannot move the milter socket aside: %s", exc)
+            return conn
+        return f"unix:{aside}"
+
+    def wait(self) -> None:
+        if self._sessions.count and not self._sessions.wait_idle(DRAIN_SECONDS):
+            log.warning("milter stopping with %d MTA connections still open", self._sessions.count)
+
+
+def _draining_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.draining")
+
+
+def _serve(conn: str, stop_event: threading.Event | None, drain: Drain | None = None) -> None:
     if stop_event is not None and stop_event.is_set():
         return
     finished = threading.Event()
@@ -212,7 +255,7 @@ def _serve(conn: str, stop_event: threading.Event | None) -> None:
     if stop_event is not None:
         waiter = threading.Thread(
             target=_stop_when_set,
-            args=(stop_event, finished, conn),
+            args=(stop_event, finished, conn, drain),
             name="milter-stop",
             daemon=True,
         )
@@ -236,9 +279,14 @@ def _hostname() -> str:
     return fqdn if "." in fqdn and not fqdn.startswith("localhost") else socket.gethostname()
 
 
-def _stop_when_set(stop_event: threading.Event, finished: threading.Event, conn: str) -> None:
+def _stop_when_set(
+    stop_event: threading.Event, finished: threading.Event, conn: str, drain: Drain | None
+) -> None:
     while not finished.is_set():
         if stop_event.wait(_STOP_POLL_SECONDS):
+            if drain is not None:
+                conn = drain.begin(conn)
+                drain.wait()
             _stop_promptly(finished, conn)
             return
 

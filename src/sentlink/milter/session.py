@@ -12,6 +12,7 @@ import enum
 import functools
 import logging
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -122,12 +123,41 @@ class DepsHolder:
         self._deps = deps  # one reference assignment: atomic for the connection threads
 
 
-def make_factory(deps: MilterDeps | DepsHolder) -> Callable[[], SentlinkMilter]:
+class ActiveSessions:
+    """How many MTA connections are open, so a stop can wait for them (SIGTERM drains)."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._cond = threading.Condition()
+
+    @property
+    def count(self) -> int:
+        with self._cond:
+            return self._count
+
+    def opened(self) -> None:
+        with self._cond:
+            self._count += 1
+
+    def closed(self) -> None:
+        with self._cond:
+            self._count -= 1
+            if self._count <= 0:
+                self._cond.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self._count <= 0, timeout)
+
+
+def make_factory(
+    deps: MilterDeps | DepsHolder, sessions: ActiveSessions | None = None
+) -> Callable[[], SentlinkMilter]:
     """The per-connection factory to install as ``Milter.factory``."""
     holder = deps if isinstance(deps, DepsHolder) else DepsHolder(deps)
 
     def factory() -> SentlinkMilter:
-        return SentlinkMilter(holder.current)
+        return SentlinkMilter(holder.current, sessions)
 
     return factory
 
@@ -169,8 +199,11 @@ def _peer_ip(family: int, hostaddr: object) -> str:
 class SentlinkMilter(Milter.Base):  # type: ignore[misc]
     """One SMTP connection. Created by the factory, so it holds no global state."""
 
-    def __init__(self, deps: MilterDeps) -> None:
+    def __init__(self, deps: MilterDeps, sessions: ActiveSessions | None = None) -> None:
         self._deps = deps
+        self._sessions = sessions
+        if sessions is not None:
+            sessions.opened()
         self._client_addr = ""
         self._daemon_name: str | None = None
         self._msg: _Message | None = None
@@ -343,6 +376,10 @@ class SentlinkMilter(Milter.Base):  # type: ignore[misc]
             self._drop_message()
         except Exception as exc:
             self._capture_failed(exc)
+        finally:
+            sessions, self._sessions = self._sessions, None
+            if sessions is not None:
+                sessions.closed()
         return CONTINUE
 
     # -- helpers -----------------------------------------------------------------------------
