@@ -163,7 +163,9 @@ class SqlStore(ABC):
                 return False
             if info.message_id:
                 row = conn.execute(
-                    "SELECT pk FROM messages WHERE account = ? AND message_id = ?",
+                    # "message_id <> ''" lets the planner use the partial index on Message-IDs.
+                    "SELECT pk FROM messages"
+                    " WHERE account = ? AND message_id = ? AND message_id <> ''",
                     (info.account, info.message_id),
                 ).fetchone()
                 if row is not None:
@@ -241,7 +243,8 @@ class SqlStore(ABC):
                 rows = conn.execute(
                     "SELECT DISTINCT l.kind, l.record_id FROM messages m"
                     " JOIN links l ON l.message_pk = m.pk"
-                    f" WHERE m.account = ? AND m.private = 0 AND m.message_id IN ({marks})",
+                    f" WHERE m.account = ? AND m.private = 0 AND m.message_id IN ({marks})"
+                    " AND m.message_id <> ''",
                     (account, *chunk),
                 )
                 keys.update((k, r) for k, r in rows)
@@ -266,7 +269,7 @@ class SqlStore(ABC):
             where.append("l.kind = ? AND l.record_id = ?")
             params.extend(record)
         if message_id is not None:
-            where.append("m.message_id = ?")
+            where.append("m.message_id = ? AND m.message_id <> ''")
             params.append(message_id)
         order = self._FILE_ORDER
         sql = f"""
