@@ -22,13 +22,14 @@ from sentlink.proxy.copies import write_copy_once
 from sentlink.proxy.deps import ProxyDeps, log_message
 from sentlink.proxy.message import message_id_field, message_id_of, read_head, stable_message_id
 from sentlink.proxy.relay import Relay, Target
+from sentlink.proxy.relaying import RelayingHandler
 from sentlink.proxy.session import ProxySMTP
 from sentlink.proxy.spool import Spool
 
 log = logging.getLogger(__name__)
 
 
-class ContentFilterHandler:
+class ContentFilterHandler(RelayingHandler):
     def __init__(self, deps: ProxyDeps) -> None:
         self._deps = deps
         host, port = parse_host_port(deps.config.reinject)
@@ -68,35 +69,6 @@ class ContentFilterHandler:
             envelope.mail_options.extend(options)
             state.account = self._deps.accounts.by_address(address) if address else None
         return reply.line()
-
-    async def handle_RCPT(
-        self,
-        server: ProxySMTP,
-        session: Session,
-        envelope: Envelope,
-        address: str,
-        options: list[str],
-    ) -> str:
-        if len(envelope.rcpt_tos) >= self._deps.config.limits.max_recipients:
-            return security.TOO_MANY_RECIPIENTS
-        relay = server.state.relay
-        if relay is None:
-            return "503 5.5.1 Error: need MAIL command"
-        reply = await relay.rcpt(address)
-        if reply.ok:
-            envelope.rcpt_tos.append(address)
-        return reply.line()
-
-    async def handle_RSET(self, server: ProxySMTP, session: Session, envelope: Envelope) -> str:
-        if server.state.pool_key is not None:
-            server.release_relay()  # the pool sends RSET before the next use
-        elif server.state.relay is not None:
-            await server.state.relay.rset()
-        return "250 2.0.0 OK"
-
-    async def handle_QUIT(self, server: ProxySMTP, session: Session, envelope: Envelope) -> str:
-        server.drop_relay()
-        return "221 2.0.0 Bye"
 
     async def handle_DATA(self, server: ProxySMTP, session: Session, envelope: Envelope) -> str:
         state = server.state

@@ -1,0 +1,46 @@
+"""What both proxy modes do alike once a relay connection is open: RCPT, RSET, QUIT."""
+
+from __future__ import annotations
+
+from aiosmtpd.smtp import Envelope, Session
+
+from sentlink.proxy import security
+from sentlink.proxy.deps import ProxyDeps
+from sentlink.proxy.session import ProxySMTP
+
+
+class RelayingHandler:
+    """Passes RCPT through to the relay as it comes, so its per-recipient answers reach the
+    client unchanged; RSET and QUIT release the relay connection."""
+
+    _deps: ProxyDeps
+
+    async def handle_RCPT(
+        self,
+        server: ProxySMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        options: list[str],
+    ) -> str:
+        if len(envelope.rcpt_tos) >= self._deps.config.limits.max_recipients:
+            return security.TOO_MANY_RECIPIENTS
+        relay = server.state.relay
+        if relay is None:
+            return "503 5.5.1 Error: need MAIL command"
+        reply = await relay.rcpt(address)
+        if reply.ok:
+            envelope.rcpt_tos.append(address)
+            envelope.rcpt_options.extend(options)
+        return reply.line()
+
+    async def handle_RSET(self, server: ProxySMTP, session: Session, envelope: Envelope) -> str:
+        if server.state.pool_key is not None:
+            server.release_relay()  # the pool sends RSET before the next use
+        elif server.state.relay is not None:
+            await server.state.relay.rset()
+        return "250 2.0.0 OK"
+
+    async def handle_QUIT(self, server: ProxySMTP, session: Session, envelope: Envelope) -> str:
+        server.drop_relay()
+        return "221 2.0.0 Bye"
