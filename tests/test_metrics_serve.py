@@ -62,7 +62,10 @@ def test_metrics_count_captured_mail_and_report_components(
             value(after, "sentlink_captured_total") - value(before, "sentlink_captured_total") == 3
         )
         assert value(after, "sentlink_milter_eom_seconds_count") >= 3
-        assert value(after, "sentlink_rescans_total") >= 1
+        # The watcher runs in serve's child process and publishes its state every few seconds.
+        wait_for(
+            lambda: value(scrape(port)[1], "sentlink_rescans_total") >= 1, 15.0, what="a rescan"
+        )
         assert "# TYPE sentlink_milter_eom_seconds histogram" in after
     finally:
         assert serve.stop() == 0

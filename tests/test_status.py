@@ -62,3 +62,48 @@ def test_status_shows_running_components_then_unavailable_after_stop(tmp_path: P
         sentlink_command("-c", str(config), "status"), capture_output=True, text=True, timeout=60
     )
     assert text.returncode == 69 and "serve: not running" in text.stdout
+
+
+def children_of(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(x) for x in path.read_text().split()] if path.exists() else []
+
+
+def nice_of(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[16])  # field 19: nice
+
+
+def test_serve_links_in_a_lower_priority_child_that_stops_with_it(tmp_path: Path) -> None:
+    config = tmp_path / "sentlink.yaml"
+    config.write_text(
+        f"site_secret_file: {tmp_path}/secret\n"
+        f"status_file: {tmp_path}/status.json\n"
+        f'store: {{url: "sqlite:///{tmp_path}/s.db"}}\n'
+        f"accounts:\n  - name: alice\n    addresses: [alice@example.test]\n"
+        f"    maildir: {tmp_path}/alice\n"
+        f'milter: {{listen: "unix:{tmp_path}/m.sock"}}\n'
+    )
+    proc = subprocess.Popen(sentlink_command("-c", str(config), "serve"), stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while not (kids := children_of(proc.pid)):
+            assert time.monotonic() < deadline, "no watcher child"
+            time.sleep(0.1)
+        [child] = kids
+        cmdline = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+        assert b"watch" in cmdline and b"--child" in cmdline
+        # Once it has started, it publishes its watcher state beside serve's status file.
+        deadline = time.monotonic() + 20
+        while not (tmp_path / "status.watcher.json").exists():
+            assert time.monotonic() < deadline, "no watcher state"
+            time.sleep(0.1)
+        assert nice_of(child) == min(19, nice_of(proc.pid) + 10)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert (
+        not Path(f"/proc/{child}").exists()
+        or b"zombie" in Path(f"/proc/{child}/status").read_bytes().lower()
+    )

@@ -113,7 +113,11 @@ def serve(obj: Context) -> None:
     """
     from sentlink.serve import serve as run_serve
 
-    raise SystemExit(run_serve(obj.load(), with_milter=True, reload_config=obj.reload))
+    raise SystemExit(
+        run_serve(
+            obj.load(), with_milter=True, reload_config=obj.reload, config_path=obj.config_path
+        )
+    )
 
 
 @cli.command("milter")
@@ -296,9 +300,15 @@ def _postconf_queue_directory() -> Path | None:
 @click.option("--once", is_flag=True, help="Run one reconcile of the watched folders and exit.")
 @click.option("--dry-run", is_flag=True, help="Print what each new message would get; no changes.")
 @click.option("--json", "as_json", is_flag=True, help="JSON Lines output (see below).")
+@click.option("--child", is_flag=True, hidden=True, help="Run as serve's watcher process.")
 @click.pass_obj
 def watch(
-    obj: Context, accounts: tuple[str, ...], once: bool, dry_run: bool, as_json: bool
+    obj: Context,
+    accounts: tuple[str, ...],
+    once: bool,
+    dry_run: bool,
+    as_json: bool,
+    child: bool,
 ) -> None:
     """Run only the watcher over each account's watch.folders (INBOX and Sent by default).
 
@@ -314,15 +324,21 @@ def watch(
         if accounts or as_json:
             fail("-a/--account and --json need --once or --dry-run", sysexits.USAGE)
         from sentlink.serve import serve as run_serve
+        from sentlink.watch_process import child_status_file, lower_priority
 
+        config = obj.load()
+        if child:
+            lower_priority()
         raise SystemExit(
             run_serve(
-            obj.load(),
-            with_milter=False,
-            reload_config=obj.reload,
-            with_proxy=False,
-            with_outbox=False,
-        )
+                config,
+                with_milter=False,
+                reload_config=obj.reload,
+                with_proxy=False,
+                with_outbox=False,
+                status_file=child_status_file(config) if child else None,
+                with_metrics=not child,  # serve's own metrics report the child's state
+            )
         )
     raise SystemExit(_watch_once(obj.load(), accounts, dry_run, as_json))
 

@@ -15,6 +15,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 from typing import Protocol
 
@@ -164,14 +165,26 @@ def build_components(
     with_watcher: bool,
     with_proxy: bool = True,
     with_outbox: bool = True,
+    config_path: Path | None = None,
 ) -> list[Component]:
-    """Every component this configuration asks for, in start order."""
+    """Every component this configuration asks for, in start order.
+
+    With a capture entrance in this process and the configuration file at hand, the watcher
+    runs as a child process at a lower priority (see sentlink.watch_process).
+    """
     components: list[Component] = []
     if with_outbox and config.hooks:
         from sentlink.outbox import OutboxComponent
 
         components.append(OutboxComponent(config, store))
-    if with_watcher:
+    capturing = (with_milter and config.milter is not None) or (
+        with_proxy and config.proxy is not None
+    )
+    if with_watcher and capturing and config_path is not None:
+        from sentlink.watch_process import WatcherProcessComponent
+
+        components.append(WatcherProcessComponent(config_path, config))
+    elif with_watcher:
         components.append(WatcherComponent(config, store, secret))
     if with_milter and config.milter is not None:
         components.append(MilterComponent(config, secret, counters))
@@ -189,8 +202,15 @@ def serve(
     reload_config: Callable[[], Config] | None = None,
     with_proxy: bool = True,
     with_outbox: bool = True,
+    config_path: Path | None = None,
+    status_file: Path | None = None,
+    with_metrics: bool = True,
 ) -> int:
-    """Run until SIGTERM/SIGINT; returns a sysexits code. ``reload_config`` serves SIGHUP."""
+    """Run until SIGTERM/SIGINT; returns a sysexits code. ``reload_config`` serves SIGHUP.
+
+    ``config_path`` lets the watcher run as a child process; ``status_file`` overrides where the
+    state for ``sentlink status`` goes (the watcher child writes its own).
+    """
     try:
         secret = load_or_create_secret(config.site_secret_file)
         store = open_store(config.store.url)
@@ -224,8 +244,9 @@ def serve(
             with_watcher=with_watcher,
             with_proxy=with_proxy,
             with_outbox=with_outbox,
+            config_path=config_path,
         )
-        if config.metrics is not None:
+        if with_metrics and config.metrics is not None:
             from sentlink.serve_metrics import MetricsComponent
 
             components.append(MetricsComponent(config, store, counters, components))
@@ -249,7 +270,7 @@ def serve(
         started, next_status = time.time(), 0.0
         while not stopping.is_set():
             if time.monotonic() >= next_status:
-                publish_status(config, components, counters, started)
+                publish_status(status_file or config.status_file, components, counters, started)
                 next_status = time.monotonic() + STATUS_INTERVAL
             wake.wait(tick)
             wake.clear()
@@ -275,14 +296,14 @@ def serve(
 
 
 def publish_status(
-    config: Config, components: list[Component], counters: Counters, started: float
+    path: Path, components: list[Component], counters: Counters, started: float
 ) -> None:
     from sentlink.status import serve_state, write_state
 
     try:
-        write_state(config.status_file, serve_state(components, counters, started))
+        write_state(path, serve_state(components, counters, started))
     except OSError as exc:
-        log.warning("cannot write %s: %s", config.status_file, exc)
+        log.warning("cannot write %s: %s", path, exc)
 
 
 def reload(
