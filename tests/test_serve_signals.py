@@ -153,7 +153,7 @@ def test_sigterm_lets_an_smtp_session_in_flight_finish_its_message(
         wait_log(s, r"SIGTERM: stopping")
         code, _ = smtp.data(message)
         assert code == 250
-    path, head = sent_copy(s.alice_sent, mid)
+    _path, head = sent_copy(s.alice_sent, mid)
     assert b"Bcc: hidden@customer.test" in head
     assert s.serve.stop() == 0
     assert not (lab_tmp_path / "milter.sock").exists()

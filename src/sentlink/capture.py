@@ -29,7 +29,7 @@ from pathlib import Path
 from sentlink.addresses import AmbiguousAddressError, normalize_address, parse_mailboxes
 from sentlink.config.models import AccountConfig
 from sentlink.errors import CaptureError
-from sentlink.maildir import MaildirDelivery, resolve_owner
+from sentlink.maildir import FolderCache, MaildirDelivery, resolve_owner
 from sentlink.metrics import Histogram
 from sentlink.model import Envelope
 from sentlink.trace import TRACE_HEADER, sign
@@ -214,14 +214,27 @@ class CopyInProgress:
 
 
 class SentCopyWriter:
-    """Starts Sent copies; one per process, shared by all sessions (it holds no message state)."""
+    """Starts Sent copies; one per process, shared by all sessions (it holds no message state).
+
+    Keeps the Sent folders it writes into open and checked (maildir.FolderCache), rechecked by
+    name before each copy; close() when done (garbage collection and exit close them too).
+    """
 
     def __init__(
-        self, secret: bytes, hostname: str, clock: Callable[[], float] = time.time
+        self,
+        secret: bytes,
+        hostname: str,
+        clock: Callable[[], float] = time.time,
+        folders: FolderCache | None = None,
     ) -> None:
         self._secret = secret
         self._hostname = hostname
         self._clock = clock
+        self._folders = folders if folders is not None else FolderCache()
+
+    def close(self) -> None:
+        """Close the cached folders (those in use as soon as their copies are done)."""
+        self._folders.close()
 
     def new_message_id(self) -> str:
         return new_message_id(self._hostname)
@@ -269,7 +282,9 @@ class SentCopyWriter:
             owner = resolve_owner(account.owner)
             # start() creates the Maildir and the folder (with its maildirfolder marker and
             # subscription) when missing, as ensure_folder() does.
-            delivery = MaildirDelivery.start(account.maildir, account.sent_folder, owner)
+            delivery = MaildirDelivery.start(
+                account.maildir, account.sent_folder, owner, self._folders
+            )
         except OSError as exc:
             raise CaptureError("io", f"{account.maildir}: {exc}") from exc
         try:

@@ -6,6 +6,7 @@ quota.py for Maildir++ quota and folders.py for folder creation and subscription
 
 from __future__ import annotations
 
+from sentlink.maildir.cache import FolderCache
 from sentlink.maildir.delivery import MaildirDelivery
 from sentlink.maildir.folders import ensure_folder, list_messages
 from sentlink.maildir.moves import find_message, move_message, set_flags
@@ -13,6 +14,7 @@ from sentlink.maildir.names import folder_path, new_uniq, parse_flags, split_uni
 from sentlink.maildir.safety import Owner, resolve_owner
 
 __all__ = [
+    "FolderCache",
     "MaildirDelivery",
     "Owner",
     "ensure_folder",

@@ -20,7 +20,8 @@ from pathlib import Path
 from types import TracebackType
 
 from sentlink.errors import CaptureError
-from sentlink.maildir.folders import OpenFolder, open_folder
+from sentlink.maildir.cache import FolderCache, FolderLease, lease_folder
+from sentlink.maildir.folders import OpenFolder
 from sentlink.maildir.names import INFO_SEPARATOR, new_uniq, normalize_flags
 from sentlink.maildir.quota import add_to_quota, check_quota
 from sentlink.maildir.safety import NEW_FILE_FLAGS, Owner, capture_error, fsync_dir, give_fd
@@ -40,39 +41,50 @@ class MaildirDelivery:
     Every method that fails has already aborted, so no partial file is left behind.
     """
 
-    def __init__(self, folder: OpenFolder, owner: Owner, uniq: str, fd: int) -> None:
-        self._folder: OpenFolder | None = folder
+    def __init__(self, lease: FolderLease, owner: Owner, uniq: str, fd: int) -> None:
+        self._lease: FolderLease | None = lease
+        self._folder: OpenFolder | None = lease.folder
+        folder = lease.folder
         self._owner = owner
         self._uniq = uniq
         self._fd = fd
         self._size = 0
         self.folder_path = folder.path
-        self.tmp_path = folder.path / "tmp" / uniq
+
+    @property
+    def tmp_path(self) -> Path:
+        """The message's file in ``tmp/`` (built on demand: only error messages need it)."""
+        return self.folder_path / "tmp" / self._uniq
 
     @classmethod
-    def start(cls, root: Path, folder: str, owner: Owner) -> MaildirDelivery:
-        """Check/create the Maildir and folder, and create the message's file in ``tmp/``."""
-        opened = open_folder(root, folder, owner)
+    def start(
+        cls, root: Path, folder: str, owner: Owner, folders: FolderCache | None = None
+    ) -> MaildirDelivery:
+        """Check/create the Maildir and folder, and create the message's file in ``tmp/``.
+
+        With ``folders``, the folder's checked descriptors come from (and stay in) that cache.
+        """
+        lease = lease_folder(root, folder, owner, folders)
+        opened = lease.folder
         try:
             for _ in range(_ATTEMPTS):
                 uniq = new_uniq()
-                path = opened.path / "tmp" / uniq
                 try:
                     fd = os.open(uniq, NEW_FILE_FLAGS, 0o600, dir_fd=opened.tmp_fd)
                 except FileExistsError:
                     continue
                 except OSError as exc:
-                    raise capture_error(exc, "cannot create", path) from exc
-                delivery = cls(opened, owner, uniq, fd)
+                    raise capture_error(exc, "cannot create", opened.path / "tmp" / uniq) from exc
+                delivery = cls(lease, owner, uniq, fd)
                 try:
-                    give_fd(fd, owner, path)
+                    give_fd(fd, owner, delivery.tmp_path)
                 except BaseException:
                     delivery.abort()
                     raise
                 return delivery
             raise CaptureError("io", f"{opened.path / 'tmp'}: no unused unique name")
         except BaseException:
-            opened.close()
+            lease.close()
             raise
 
     @property
@@ -119,6 +131,11 @@ class MaildirDelivery:
         except OSError as exc:
             # Filed already; a second name in tmp/ is harmless (tmp/ is never read as mail).
             log.warning("cannot remove %s: %s", self.tmp_path, exc.strerror)
+        # The file's fsync makes its bytes durable, this one its name in cur/: without it a crash
+        # can lose a copy the MTA was already told about. Dovecot does the same after saving into
+        # a Maildir (maildir-save.c, maildir_transaction_fsync_dirs: fdatasync of new/ and cur/
+        # unless fsync_mode=never); Postfix virtual(8)/local(8) fsync only the file (mail_copy()
+        # with MAIL_COPY_TOFILE) and leave the link() to the file system.
         try:
             fsync_dir(folder.cur_fd, folder.path / "cur")
         except CaptureError as exc:
@@ -196,6 +213,7 @@ class MaildirDelivery:
         return True
 
     def _close_dirs(self) -> None:
-        if self._folder is not None:
-            self._folder.close()
-            self._folder = None
+        self._folder = None
+        if self._lease is not None:
+            lease, self._lease = self._lease, None
+            lease.close()

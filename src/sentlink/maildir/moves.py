@@ -14,6 +14,7 @@ import errno
 import logging
 import os
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 
 from sentlink.errors import CaptureError
@@ -33,13 +34,22 @@ _ATTEMPTS = 5
 
 
 def move_message(
-    src: Path, dest_root: Path, dest_folder: str, owner: Owner, add_flags: str = ""
+    src: Path,
+    dest_root: Path,
+    dest_folder: str,
+    owner: Owner,
+    add_flags: str = "",
+    unsynced: set[Path] | None = None,
 ) -> Path:
     """Move a message file into ``dest_folder``'s ``cur/``, keeping its unique name.
 
     The flags are the file's current ones plus ``add_flags``. The destination is checked (and
     created) like a delivery's. Raises CaptureError("io") if the message is gone, and for a
     destination on another file system (no atomic rename there).
+
+    Both directories are fsynced so the rename survives a crash; with ``unsynced`` given they
+    are added to it instead, for one :func:`sync_dirs` over many moves. The rename is atomic
+    either way (the message is in exactly one folder); until the sync a crash may undo it.
     """
     normalize_flags(add_flags)  # invalid flags are a caller's bug: fail before touching anything
     uniq = split_uniq(src.name)
@@ -60,12 +70,22 @@ def move_message(
                         "io", f"cannot move {current} to {dest.path}: another file system"
                     ) from exc
                 raise capture_error(exc, "cannot move", current) from exc
-            _sync(dest.cur_fd, dest.path / "cur")
-            _sync_dir_path(current.parent)
+            if unsynced is None:
+                _sync(dest.cur_fd, dest.path / "cur")
+                _sync_dir_path(current.parent)
+            else:
+                unsynced.update((dest.path / "cur", current.parent))
             return dest.path / "cur" / name
         raise CaptureError("io", f"{src}: renamed by others {_ATTEMPTS} times while moving it")
     finally:
         dest.close()
+
+
+def sync_dirs(paths: Iterable[Path]) -> None:
+    """fsync each directory (the moves :func:`move_message` left unsynced); failures are
+    logged, as for a single move."""
+    for path in paths:
+        _sync_dir_path(path)
 
 
 def set_flags(path: Path, flags: str) -> Path:

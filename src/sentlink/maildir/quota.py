@@ -65,6 +65,9 @@ def parse_maildirsize(text: str) -> Quota:
 
 def read_quota(root_fd: int, root: Path) -> Quota | None:
     """The mailbox quota, or None when there is none (no file) or it cannot be parsed."""
+    # Most mailboxes have no quota file: one faccessat() answers that without an exception.
+    if not os.access(QUOTA_FILE, os.F_OK, dir_fd=root_fd, follow_symlinks=False):
+        return None
     path = root / QUOTA_FILE
     try:
         fd = os.open(QUOTA_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root_fd)

@@ -211,6 +211,8 @@ def run_milter(
         if path is not None:
             path.unlink(missing_ok=True)
             _draining_path(path).unlink(missing_ok=True)
+        if writer is None:  # built here: close its cached folders
+            deps.writer.close()
         log.info("milter stopped")
 
 

@@ -115,3 +115,4 @@ def run_proxy(
         asyncio.run(serve_proxy(deps, stop, ready))
     finally:
         deps.executor.shutdown(wait=True)
+        deps.writer.close()
