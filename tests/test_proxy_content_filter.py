@@ -31,6 +31,8 @@ from lab import (
 )
 from proxy_fixtures import ALICE, proxy_config
 
+CONTRIB = Path(__file__).resolve().parent.parent / "contrib" / "postfix"
+
 pytestmark = pytest.mark.real
 
 # The issue asks for 500; each message passes Postfix twice plus the proxy, which keeps the
@@ -77,19 +79,19 @@ class ProxyProcess:
 @pytest.fixture
 def filtered(lab_tmp_path: Path) -> Iterator[tuple[MailLab, ProxyProcess]]:
     proxy_port, reinject_port = free_port(), free_port()
-    master = f"""\
-sentlink   unix  -       -       n       -       10      smtp
-  -o syslog_name=postfix/sentlink
-{LOOPBACK}:{reinject_port} inet n - n - 10 smtpd
-  -o syslog_name=postfix/reinject
-  -o content_filter=
-  -o receive_override_options=no_address_mappings,no_milters
-  -o smtpd_relay_restrictions=permit_mynetworks,reject
-"""
+    # contrib/postfix as shipped, on this lab's free ports instead of 10025/10026.
+    master = (CONTRIB / "content-filter.master.cf").read_text()
+    master = master.replace("127.0.0.1:10026", f"{LOOPBACK}:{reinject_port}")
+    main = {}
+    for line in (CONTRIB / "content-filter.main.cf").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, value = line.partition("=")
+            main[name.strip()] = value.strip().replace(":10025", f":{proxy_port}")
+    assert main == {"content_filter": f"sentlink:[{LOOPBACK}]:{proxy_port}"}
     lab = MailLab(
         make_lab_dir(lab_tmp_path),
         sasl=False,
-        extra_main_cf={"content_filter": f"sentlink:[{LOOPBACK}]:{proxy_port}"},
+        extra_main_cf=main,
         extra_master_cf=master,
     )
     workdir = make_lab_dir(lab_tmp_path, prefix="proxy-")
