@@ -65,3 +65,23 @@ def test_match_explains_records_and_exclusions(tmp_path: Path) -> None:
     assert "no record" in unknown.stdout
     bad = sentlink("-c", str(cfg), "match", "not an address", cwd=tmp_path)
     assert bad.returncode == 65
+
+
+def test_log_syslog_sends_mail_facility_lines_to_the_syslog_socket(tmp_path: Path) -> None:
+    import socket
+
+    cfg = write_config(tmp_path)
+    sock_path = tmp_path / "log.sock"
+    cfg.write_text(cfg.read_text() + f"log: {{syslog: true, syslog_socket: {sock_path}}}\n")
+    csv = tmp_path / "c.csv"
+    csv.write_text("kind,id,name,email\ncontact,c1,Bob,bob@customer.test\n")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(str(sock_path))
+        server.settimeout(10)
+        result = sentlink("-c", str(cfg), "-v", "crm", "import", str(csv), cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        line = server.recv(4096).decode()
+    # <PRI> with facility mail (2): PRI = 2 * 8 + severity.
+    pri = int(line[1 : line.index(">")])
+    assert pri // 8 == 2
+    assert "sentlink[" in line

@@ -35,7 +35,7 @@ class Context:
         except OSError as exc:
             click.echo(f"{self.config_path}: {exc.strerror}", err=True)
             raise SystemExit(sysexits.CONFIG) from None
-        setup_logging(config.log.level, self.verbose)
+        setup_logging(config.log, self.verbose)
         return config
 
     def reload(self) -> Config:

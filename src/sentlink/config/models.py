@@ -155,6 +155,8 @@ class DuplicatesConfig:
 @dataclass(frozen=True)
 class LogConfig:
     level: Literal["debug", "info", "warning", "error"] = "info"
+    syslog: bool = False
+    syslog_socket: str = "/dev/log"
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,7 @@ class ContentFilterHandler(RelayingHandler):
             state.account = self._deps.accounts.by_address(address) if address else None
         return reply.line()
 
-    async def handle_DATA(self, server: ProxySMTP, session: Session, envelope: Envelope) -> str:
+    async def relay_data(self, server: ProxySMTP, session: Session, envelope: Envelope) -> str:
         state = server.state
         relay, spool = state.relay, state.spool
         if relay is None or spool is None:

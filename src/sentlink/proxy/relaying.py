@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from aiosmtpd.smtp import Envelope, Session
 
 from sentlink.proxy import security
@@ -11,9 +13,20 @@ from sentlink.proxy.session import ProxySMTP
 
 class RelayingHandler:
     """Passes RCPT through to the relay as it comes, so its per-recipient answers reach the
-    client unchanged; RSET and QUIT release the relay connection."""
+    client unchanged; RSET and QUIT release the relay connection; DATA is timed."""
 
     _deps: ProxyDeps
+
+    async def relay_data(self, server: ProxySMTP, session: Session, envelope: Envelope) -> str:
+        raise NotImplementedError
+
+    async def handle_DATA(self, server: ProxySMTP, session: Session, envelope: Envelope) -> str:
+        started = time.monotonic()
+        try:
+            return await self.relay_data(server, session, envelope)
+        finally:
+            # From the final dot to our answer: relay (or re-injection) plus the Sent copy.
+            self._deps.counters.observe("proxy_message", time.monotonic() - started)
 
     async def handle_RCPT(
         self,

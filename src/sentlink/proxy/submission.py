@@ -170,7 +170,7 @@ class SubmissionHandler(RelayingHandler):
             return Reply(454, "4.7.0 Temporary authentication failure")
         return await relay.login(auth.username.encode(), secret.rstrip(b"\r\n"))
 
-    async def handle_DATA(self, server: ProxySMTP, session: Session, envelope: Envelope) -> str:
+    async def relay_data(self, server: ProxySMTP, session: Session, envelope: Envelope) -> str:
         state = server.state
         relay, spool = state.relay, state.spool
         if relay is None or spool is None:
