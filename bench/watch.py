@@ -37,7 +37,6 @@ from sentlink.linker import Linker
 from sentlink.model import Record
 from sentlink.store import Store, open_store
 from sentlink.watch import FolderWatcher, WatchPolicy, watched_folders
-from sentlink.watch.known import SqliteKnownFiles
 from sentlink.watch.oneshot import Reconcile
 
 SECRET = b"b" * 32
@@ -229,7 +228,7 @@ def burst(config: Config, count: int) -> dict[str, object]:
         for n in range(count)
     ]
     watcher, store = run_watcher(config)
-    known = SqliteKnownFiles(Path(config.store.url.removeprefix("sqlite:///")))
+    observer = open_store(config.store.url)  # its own connection: sees committed rows only
     names = {name for name, _ in batch}
     try:
         started = time.perf_counter()
@@ -240,13 +239,13 @@ def burst(config: Config, count: int) -> dict[str, object]:
         deadline = time.monotonic() + 600
         missing = names
         while time.monotonic() < deadline:
-            missing = names - set(known.folder_files("alice", "INBOX") or {})
+            missing = names - set(observer.folder_files("alice", "INBOX"))
             if not missing:
                 break
             time.sleep(0.2)
         elapsed = time.perf_counter() - started
     finally:
-        known.close()
+        observer.close()
         watcher.stop()
         store.close()
     return {

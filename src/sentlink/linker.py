@@ -33,6 +33,7 @@ from datetime import UTC
 from email.errors import HeaderParseError
 from email.header import decode_header, make_header
 from email.utils import parsedate_to_datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -71,6 +72,7 @@ _SURROGATES = re.compile("[\udc80-\udcff]")
 _FALSE_WORDS = frozenset({"", "0", "no", "false", "off"})
 # References can list a whole long thread; the newest ids are the ones that matter.
 _MAX_REFERENCES = 50
+_FORMS_CACHE_SIZE = 50_000
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,8 @@ class Linker:
 
     def __init__(self, store: Store, config: Config) -> None:
         self._store = store
+        # Each participant's forms are needed three to five times per message.
+        self._forms_cache: dict[str, tuple[str, ...]] = {}
         crm = config.crm
         self._strip_plus = crm.strip_plus_tags
         self._contact_first = crm.multiple_match == "contact-first"
@@ -332,6 +336,14 @@ class Linker:
 
     def _forms(self, addr: str) -> tuple[str, ...]:
         """The normalized address, and its ``+tag``-stripped form when configured."""
+        forms = self._forms_cache.get(addr)
+        if forms is None:
+            if len(self._forms_cache) >= _FORMS_CACHE_SIZE:
+                self._forms_cache.clear()
+            forms = self._forms_cache[addr] = self._compute_forms(addr)
+        return forms
+
+    def _compute_forms(self, addr: str) -> tuple[str, ...]:
         try:
             full = normalize_address(addr)
         except AmbiguousAddressError:
@@ -418,6 +430,7 @@ def _sender(headers: HeaderBlock) -> Participant | None:
         return None
 
 
+@lru_cache(maxsize=8192)
 def _in_domains(domain: str, domains: frozenset[str]) -> bool:
     """``domain`` is one of ``domains`` or a subdomain of one."""
     if not domains:
@@ -455,6 +468,8 @@ def _references(headers: HeaderBlock) -> tuple[str, ...]:
 
 def _decode_words(value: str) -> str:
     """RFC 2047 encoded words decoded; undecodable bytes shown as U+FFFD."""
+    if "=?" not in value:  # no encoded word: decoding would give the value back unchanged
+        return _SURROGATES.sub("\ufffd", value)
     try:
         text = str(make_header(decode_header(value)))
     except (HeaderParseError, LookupError, UnicodeError, ValueError):

@@ -2,13 +2,14 @@
 
 ``open_store(url)`` picks the backend from the URL scheme. Every backend keeps the same
 guarantees: addresses are stored normalized (``sentlink.addresses.normalize_address``), and
-``save_message`` writes the message and its links in one transaction, idempotent on
-(account, Maildir unique name) and on (account, Message-ID).
+``save_message`` writes the message and its links in one transaction (or one savepoint of a
+``batch``), idempotent on (account, Maildir unique name) and on (account, Message-ID).
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Literal, Protocol, TypedDict
 
@@ -18,6 +19,7 @@ from sentlink.model import Link, MessageInfo, Record
 __all__ = [
     "Delivery",
     "DeliveryState",
+    "IndexedFile",
     "LinkRow",
     "NewEvent",
     "OutboxRow",
@@ -45,6 +47,15 @@ class NewEvent:
     records: tuple[str, ...]
     hooks: tuple[str, ...]
     created_at: float  # Unix time
+
+
+@dataclass(frozen=True)
+class IndexedFile:
+    """One Maildir file the store has indexed."""
+
+    uniq: str  # the Maildir unique name
+    folder: str
+    file: str  # relative to the account's Maildir root
 
 
 @dataclass(frozen=True)
@@ -125,6 +136,29 @@ class Store(Protocol):
 
     def move_message(self, account: str, uniq: str, folder: str, file: str) -> bool:
         """Record a new folder/file name for an indexed file (a move or a flag rename)."""
+
+    def folder_files(self, account: str, folder: str) -> dict[str, str]:
+        """``{uniq: file}`` of every file indexed in the account's ``folder`` (one query: a
+        rescan compares a directory listing against it without opening a message)."""
+
+    def account_uniqs(self, account: str) -> set[str]:
+        """The unique names of every file indexed for the account, in any folder."""
+
+    def message_files(self, account: str, message_id: str) -> list[IndexedFile]:
+        """Every indexed file of the account's message with this Message-ID, oldest first."""
+
+    def batch(
+        self,
+        max_writes: int = 500,
+        max_seconds: float = 0.5,
+        before_commit: Callable[[], None] | None = None,
+    ) -> AbstractContextManager[None]:
+        """Within the block, this thread's writes share transactions: committed after
+        ``max_writes`` writes or ``max_seconds``, and when the block ends; ``before_commit``
+        runs before each commit. Every write stays all-or-nothing on its own (a savepoint), and
+        this thread's reads see the uncommitted rows. A crash loses at most the rows of the
+        open transaction, which a rescan writes again from the Maildir (store/batch.py).
+        A nested block joins the open batch and commits when it ends."""
 
     def save_message(
         self,

@@ -17,10 +17,12 @@ from typing import Any
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg.pq import TransactionStatus
 
 from sentlink.errors import StoreError
 from sentlink.model import Link, MessageInfo, Record
 from sentlink.store import NewEvent
+from sentlink.store.batch import Finish
 from sentlink.store.sql import Connection, Cursor, SqlStore
 
 log = logging.getLogger("sentlink.store")
@@ -184,17 +186,37 @@ class PostgresStore(SqlStore):
         self._local.conn = conn
         return conn
 
-    @contextmanager
-    def _read(self) -> Iterator[Connection]:
-        with self._errors():
-            yield self._conn()
+    @staticmethod
+    def _pg_conn(conn: Connection) -> psycopg.Connection[Any]:
+        assert isinstance(conn, _PgConnection)
+        return conn.conn
 
     @contextmanager
-    def _write(self) -> Iterator[Connection]:
-        with self._errors():
-            conn = self._conn()
-            with conn.conn.transaction():
-                yield conn
+    def _transaction(self, conn: Connection) -> Iterator[None]:
+        with self._pg_conn(conn).transaction():
+            yield
+
+    def _begin(self, conn: Connection) -> Finish:
+        block = self._pg_conn(conn).transaction()
+        tx = block.__enter__()
+
+        def finish(commit: bool) -> None:
+            if commit:
+                block.__exit__(None, None, None)
+            else:
+                rollback = psycopg.Rollback(tx)
+                block.__exit__(type(rollback), rollback, None)
+
+        return finish
+
+    @contextmanager
+    def _savepoint(self, conn: Connection) -> Iterator[None]:
+        # psycopg makes a nested transaction() a SAVEPOINT.
+        with self._pg_conn(conn).transaction():
+            yield
+
+    def _in_transaction(self, conn: Connection) -> bool:
+        return self._pg_conn(conn).info.transaction_status == TransactionStatus.INTRANS
 
     def _migrate(self) -> None:
         conn = self._conn()

@@ -7,9 +7,10 @@ Statements use ``?`` placeholders (the PostgreSQL backend's connection wrapper t
 from __future__ import annotations
 
 import logging
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, suppress
 from datetime import UTC, datetime
 from typing import Any, Protocol, cast
 
@@ -18,11 +19,13 @@ from sentlink.model import Link, MessageInfo, Record, RecordKind
 from sentlink.store import (
     Delivery,
     DeliveryState,
+    IndexedFile,
     LinkRow,
     NewEvent,
     OutboxRow,
     UnmatchedRow,
 )
+from sentlink.store.batch import Finish, WriteBatch
 
 log = logging.getLogger("sentlink.store")
 
@@ -65,13 +68,100 @@ class SqlStore(ABC):
     # Row locking for the claim: PostgreSQL lets concurrent workers skip each other's rows.
     _SKIP_LOCKED = ""
 
-    @abstractmethod
-    def _write(self) -> AbstractContextManager[Connection]:
-        """A connection inside a write transaction, committed on exit, rolled back on error."""
+    # Per-thread state (connections, the open batch); each backend creates it.
+    _local: threading.local
 
     @abstractmethod
-    def _read(self) -> AbstractContextManager[Connection]:
-        """A connection for reads (errors mapped to StoreError)."""
+    def _errors(self) -> AbstractContextManager[None]:
+        """Maps the driver's errors to StoreError."""
+
+    @abstractmethod
+    def _conn(self) -> Connection:
+        """This thread's connection."""
+
+    @abstractmethod
+    def _transaction(self, conn: Connection) -> AbstractContextManager[None]:
+        """One transaction, committed on exit, rolled back on error."""
+
+    @abstractmethod
+    def _begin(self, conn: Connection) -> Finish:
+        """Open a transaction for a batch; the function given back commits or rolls it back."""
+
+    @abstractmethod
+    def _savepoint(self, conn: Connection) -> AbstractContextManager[None]:
+        """A savepoint inside the open transaction, rolled back to on error."""
+
+    @abstractmethod
+    def _in_transaction(self, conn: Connection) -> bool:
+        """Whether ``conn`` still has a transaction open (errors may abort a whole one)."""
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        """A connection for reads (errors mapped to StoreError); inside a batch it sees the
+        batch's rows."""
+        with self._errors():
+            yield self._conn()
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        """A connection inside a write transaction, committed on exit, rolled back on error.
+
+        Inside a batch (store/batch.py): a savepoint in the batch's transaction, which is
+        committed once enough writes or time have gone by."""
+        batch: WriteBatch | None = getattr(self._local, "batch", None)
+        with self._errors():
+            conn = self._conn()
+            if batch is None:
+                with self._transaction(conn):
+                    yield conn
+                return
+            if batch.finish is not None and batch.conn is not conn:
+                # The connection was replaced (PostgreSQL reconnect): that transaction is gone.
+                log.warning("store connection lost: %d batched writes to redo", batch.writes)
+                batch.finish = None
+            if batch.finish is None:
+                batch.begin(conn, self._begin(conn))
+            try:
+                with self._savepoint(conn):
+                    yield conn
+            except BaseException:
+                if not self._in_transaction(conn):  # the database aborted the whole batch
+                    log.warning("store batch aborted: %d batched writes to redo", batch.writes)
+                    with suppress(Exception):
+                        batch.end(commit=False)
+                raise
+            batch.writes += 1
+            if batch.due():
+                batch.end(commit=True)
+
+    def batch(
+        self,
+        max_writes: int = 500,
+        max_seconds: float = 0.5,
+        before_commit: Callable[[], None] | None = None,
+    ) -> AbstractContextManager[None]:
+        return self._batch(max_writes, max_seconds, before_commit)
+
+    @contextmanager
+    def _batch(
+        self, max_writes: int, max_seconds: float, before_commit: Callable[[], None] | None
+    ) -> Iterator[None]:
+        outer: WriteBatch | None = getattr(self._local, "batch", None)
+        batch = outer or WriteBatch(max_writes, max_seconds)
+        if before_commit is not None:
+            batch.hooks.append(before_commit)
+        self._local.batch = batch
+        try:
+            yield
+        finally:
+            # A nested block commits when it ends too: its hook must run before its rows commit.
+            try:
+                with self._errors():
+                    batch.end(commit=True)
+            finally:
+                if before_commit is not None:
+                    batch.hooks.remove(before_commit)
+                self._local.batch = outer
 
     # records
 
@@ -86,8 +176,10 @@ class SqlStore(ABC):
                 count += 1
         return count
 
-    @staticmethod
-    def _upsert_record(conn: Connection, record: Record) -> None:
+    def _upsert_record(self, conn: Connection, record: Record) -> None:
+        batch: WriteBatch | None = getattr(self._local, "batch", None)
+        if batch is not None:
+            batch.records.clear()
         conn.execute(
             "INSERT INTO records (kind, id, name) VALUES (?, ?, ?)"
             " ON CONFLICT (kind, id) DO UPDATE SET name = excluded.name",
@@ -103,11 +195,36 @@ class SqlStore(ABC):
         )
 
     def records_by_email(self, email: str) -> list[Record]:
+        batch: WriteBatch | None = getattr(self._local, "batch", None)
+        cache = batch.records if batch is not None and batch.finish is not None else None
+        if cache is not None and email in cache:
+            return list(cache[email])
+        records = self._records_by_email(email)
+        if cache is not None:
+            cache[email] = list(records)
+        return records
+
+    def _records_by_email(self, email: str) -> list[Record]:
+        # One query for the records and all their addresses: this runs for every participant.
         with self._read() as conn:
-            keys = conn.execute(
-                "SELECT DISTINCT kind, id FROM record_emails WHERE email = ?", (email,)
+            rows = conn.execute(
+                "SELECT r.kind, r.id, r.name, e.email FROM record_emails m"
+                " JOIN records r ON r.kind = m.kind AND r.id = m.id"
+                " JOIN record_emails e ON e.kind = m.kind AND e.id = m.id"
+                " WHERE m.email = ? ORDER BY r.kind, r.id, e.position",
+                (email,),
             ).fetchall()
-            return self._load_records(conn, keys)
+        emails: dict[tuple[str, str], list[str]] = {}
+        names: dict[tuple[str, str], str] = {}
+        for kind, rid, name, address in rows:
+            names[(kind, rid)] = name
+            emails.setdefault((kind, rid), []).append(address)
+        records = [
+            Record(cast(RecordKind, kind), rid, names[(kind, rid)], tuple(addresses))
+            for (kind, rid), addresses in emails.items()
+        ]
+        records.sort(key=lambda r: (r.kind != "contact", r.id))
+        return records
 
     @staticmethod
     def _load_records(conn: Connection, keys: Iterable[tuple[str, str]]) -> list[Record]:
@@ -138,6 +255,34 @@ class SqlStore(ABC):
                 (account, uniq),
             ).fetchone()
         return None if row is None else (row[0], row[1])
+
+    def folder_files(self, account: str, folder: str) -> dict[str, str]:
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT uniq, file FROM message_files WHERE account = ? AND folder = ?",
+                (account, folder),
+            )
+            return {uniq: file for uniq, file in rows}
+
+    def account_uniqs(self, account: str) -> set[str]:
+        with self._read() as conn:
+            rows = conn.execute("SELECT uniq FROM message_files WHERE account = ?", (account,))
+            return {uniq for (uniq,) in rows}
+
+    def message_files(self, account: str, message_id: str) -> list[IndexedFile]:
+        if not message_id:
+            return []
+        with self._read() as conn:
+            # "message_id <> ''" lets the planner use the partial index on Message-IDs; the
+            # files come through message_files_by_message. Sorting here, not in SQL: ORDER BY
+            # the file order made SQLite's planner walk every file instead.
+            rows = conn.execute(
+                f"SELECT f.{self._FILE_ORDER}, f.uniq, f.folder, f.file FROM message_files f"
+                " WHERE f.message_pk IN (SELECT pk FROM messages"
+                "   WHERE account = ? AND message_id = ? AND message_id <> '')",
+                (account, message_id),
+            ).fetchall()
+        return [IndexedFile(uniq, folder, file) for _order, uniq, folder, file in sorted(rows)]
 
     def move_message(self, account: str, uniq: str, folder: str, file: str) -> bool:
         with self._write() as conn:
@@ -191,15 +336,18 @@ class SqlStore(ABC):
                 ).fetchone()[0]
             )
             self._insert_file(conn, info, pk)
-            conn.executemany(
-                "INSERT INTO links (message_pk, kind, record_id, email, role, via)"
-                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                [(pk, ln.record.kind, ln.record.id, ln.email, ln.role, ln.via) for ln in links],
-            )
-            conn.executemany(
-                "INSERT INTO unmatched (message_pk, email) VALUES (?, ?) ON CONFLICT DO NOTHING",
-                [(pk, email) for email in unmatched],
-            )
+            if links:
+                conn.executemany(
+                    "INSERT INTO links (message_pk, kind, record_id, email, role, via)"
+                    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                    [(pk, ln.record.kind, ln.record.id, ln.email, ln.role, ln.via) for ln in links],
+                )
+            if unmatched:
+                conn.executemany(
+                    "INSERT INTO unmatched (message_pk, email) VALUES (?, ?)"
+                    " ON CONFLICT DO NOTHING",
+                    [(pk, email) for email in unmatched],
+                )
             for event in events:
                 self._insert_event(conn, event)
             return True

@@ -18,12 +18,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sentlink.errors import StoreError
+from sentlink.store.batch import Finish
 from sentlink.store.schema import MIGRATIONS, migrate
 from sentlink.store.sql import Connection, SqlStore
 
 log = logging.getLogger("sentlink.store")
 
 BUSY_TIMEOUT_MS = 5000
+CACHE_KIB = 32768
 
 
 def sqlite_path(url: str) -> Path:
@@ -80,6 +82,10 @@ class SqliteStore(SqlStore):
                 # NORMAL in WAL mode never corrupts; a power cut may lose the last commits, which
                 # the next rescan re-links from the Maildir (the durable queue).
                 conn.execute("PRAGMA synchronous = NORMAL")
+                # The indexes of a 100,000-message mailbox outgrow SQLite's default 2 MB page
+                # cache; each lookup and insert then goes back to the OS for its pages. This is
+                # an upper bound, filled only as pages are used.
+                conn.execute(f"PRAGMA cache_size = -{CACHE_KIB:d}")
             except BaseException:
                 conn.close()
                 raise
@@ -94,22 +100,54 @@ class SqliteStore(SqlStore):
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: {exc}") from exc
 
-    @contextmanager
-    def _read(self) -> Iterator[Connection]:
-        with self._errors():
-            yield self._conn()
+    @staticmethod
+    def _sqlite(conn: Connection) -> sqlite3.Connection:
+        assert isinstance(conn, sqlite3.Connection)
+        return conn
 
     @contextmanager
-    def _write(self) -> Iterator[Connection]:
-        with self._errors():
-            conn = self._conn()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
+    def _transaction(self, conn: Connection) -> Iterator[None]:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            if self._in_transaction(conn):
                 conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+            raise
+        conn.execute("COMMIT")
+
+    def _begin(self, conn: Connection) -> Finish:
+        conn.execute("BEGIN IMMEDIATE")
+
+        def finish(commit: bool) -> None:
+            if not self._in_transaction(conn):
+                return
+            if commit:
+                try:
+                    conn.execute("COMMIT")
+                    return
+                except sqlite3.Error:
+                    if self._in_transaction(conn):
+                        conn.execute("ROLLBACK")
+                    raise
+            conn.execute("ROLLBACK")
+
+        return finish
+
+    @contextmanager
+    def _savepoint(self, conn: Connection) -> Iterator[None]:
+        conn.execute("SAVEPOINT sentlink_write")
+        try:
+            yield
+        except BaseException:
+            if self._in_transaction(conn):
+                conn.execute("ROLLBACK TO sentlink_write")
+                conn.execute("RELEASE sentlink_write")
+            raise
+        conn.execute("RELEASE sentlink_write")
+
+    def _in_transaction(self, conn: Connection) -> bool:
+        return self._sqlite(conn).in_transaction
 
     def schema_version(self) -> int:
         with self._read() as conn:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from sentlink.errors import ConfigError
 from sentlink.headers import DEFAULT_MAX_HEADER_BYTES, HeaderBlock, read_headers
 from sentlink.linker import Linker, LinkResult
 from sentlink.maildir import find_message, folder_path, move_message, resolve_owner, set_flags
+from sentlink.maildir.moves import sync_dirs
 from sentlink.maildir.names import merge_flags, parse_flags, split_uniq
 from sentlink.model import Direction
 from sentlink.store import Store
@@ -33,6 +36,12 @@ from sentlink.watch.known import KnownFile, KnownFiles
 from sentlink.watch.rules import Decision, MessageFacts, RuleSet, own_addresses, self_sent_reason
 
 log = logging.getLogger("sentlink.watch")
+
+# Store writes per transaction while handling many files (a reconcile, a burst of events): a
+# commit per message would cost more than indexing it. Half a second bounds how long the write
+# lock is held and how much a crash makes the next rescan redo.
+BATCH_WRITES = 500
+BATCH_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -104,6 +113,10 @@ def direction_of(account: AccountConfig, folder: str) -> Direction:
 
 
 def relative(path: Path, root: Path) -> str:
+    # String prefix first: pathlib's relative_to costs more than the rest of indexing a file.
+    text, prefix = str(path), str(root) + "/"
+    if text.startswith(prefix) and len(text) > len(prefix):
+        return text[len(prefix) :]
     try:
         return str(path.relative_to(root))
     except ValueError:
@@ -123,10 +136,39 @@ class MessageHandler:
         self._own: dict[str, frozenset[str]] = {}
         # Rows of duplicate copies we deleted, forgotten in one store call per folder.
         self._forget: dict[tuple[str, str], set[str]] = {}
+        # Inside batch(): directories our renames changed, fsynced once before each commit.
+        self._unsynced: set[Path] | None = None
 
     @property
     def known(self) -> KnownFiles:
         return self._known
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Handle many files with their store rows in shared transactions (store/batch.py).
+
+        Moves fsync their two directories once per commit instead of per file, right before
+        the commit: a committed row never names a file whose rename a crash could still undo
+        (that would leave a self-sent message indexed but back in INBOX, never moved again).
+        A crash before the commit loses the rows, and the next rescan finds each moved file in
+        its new folder, or, if the rename was undone too, in its old one, and handles it again.
+        """
+        outer = self._unsynced
+        if outer is None:
+            self._unsynced = set()
+        try:
+            with self._store.batch(BATCH_WRITES, BATCH_SECONDS, self._sync_moves):
+                yield
+        finally:
+            if outer is None:
+                self._sync_moves()  # also when the commit failed: the renames are done
+                self._unsynced = None
+
+    def _sync_moves(self) -> None:
+        if self._unsynced:
+            dirs = sorted(self._unsynced)
+            self._unsynced.clear()
+            sync_dirs(dirs)
 
     def _own_of(self, account: AccountConfig) -> frozenset[str]:
         if account.name not in self._own:
@@ -178,7 +220,9 @@ class MessageHandler:
         moved = False
         if decision.move is not None:
             owner = resolve_owner(account.owner)
-            path = move_message(path, account.maildir, decision.move, owner, decision.flags)
+            path = move_message(
+                path, account.maildir, decision.move, owner, decision.flags, self._unsynced
+            )
             log.info(
                 "account=%s file=%s moved %s -> %s (%s)",
                 account.name,

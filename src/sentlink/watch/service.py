@@ -24,6 +24,7 @@ from sentlink.watch.scan import FolderRef, ScanSummary, handle_one, needs_linkin
 log = logging.getLogger("sentlink.watch")
 
 _STOP = object()
+_NOTHING = object()
 
 
 class _Hints(FileSystemEventHandler):
@@ -188,20 +189,46 @@ class FolderWatcher:
     def _loop(self, handler: MessageHandler) -> None:
         self._rescan(handler)  # startup reconcile: whatever arrived while we were down
         deadline = time.monotonic() + self._rescan_seconds
+        item: object = _NOTHING
         while True:
-            try:
-                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                item = None
+            if item is _NOTHING:
+                try:
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    item = None
             if item is _STOP:
                 return
             if self._rescan_now.is_set() or time.monotonic() >= deadline:
                 self._rescan_now.clear()
                 self._rescan(handler)
                 deadline = time.monotonic() + self._rescan_seconds
+                item = _NOTHING
                 continue
             if isinstance(item, tuple):
-                self._handle_hint(handler, *item)
+                item = self._handle_hints(handler, item, deadline)
+            else:
+                item = _NOTHING
+
+    def _handle_hints(
+        self, handler: MessageHandler, first: tuple[FolderRef, Path], deadline: float
+    ) -> object:
+        """Handle ``first`` and the hints queued behind it in one store batch, committed as soon
+        as the queue is empty (a lone message waits for no one) or a rescan is due (the batch
+        itself commits every BATCH_WRITES). Returns the first queued item that is not a hint,
+        or _NOTHING."""
+        with handler.batch():
+            hint = first
+            while True:
+                self._handle_hint(handler, *hint)
+                if self._rescan_now.is_set() or time.monotonic() >= deadline:
+                    return _NOTHING
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    return _NOTHING
+                if not isinstance(item, tuple):
+                    return item
+                hint = item
 
     def _handle_hint(self, handler: MessageHandler, ref: FolderRef, path: Path) -> None:
         try:

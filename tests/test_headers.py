@@ -1,0 +1,111 @@
+"""The header reader splits and unfolds exactly as a plain line-by-line reading does."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from sentlink.headers import _end_of_header, parse_header_bytes, read_header_bytes
+
+_FIELD = re.compile(rb"([!-9;-~]+)[ \t]*:")
+
+
+def line_by_line(raw: bytes, truncated: bool) -> tuple[tuple[str, str], ...]:
+    """RFC 5322 section 2.2.3 unfolding, one line at a time, each piece decoded on its own."""
+    lines = raw.split(b"\n")
+    cut_field = False
+    if truncated and lines:
+        cut_field = lines.pop()[:1] in (b" ", b"\t")
+    fields: list[tuple[bytes, bytearray]] = []
+    for number, line in enumerate(lines):
+        line = line.removesuffix(b"\r")
+        if line[:1] in (b" ", b"\t"):
+            if fields:
+                fields[-1][1].extend(line)
+            continue
+        match = _FIELD.match(line)
+        if match is None:
+            if number == 0 and line.startswith(b"From "):
+                continue
+            break
+        fields.append((match.group(1), bytearray(line[match.end() :])))
+    if cut_field and fields:
+        fields.pop()
+
+    def text(b: bytes) -> str:
+        return b.decode("utf-8", "surrogateescape")
+
+    return tuple((text(n), text(bytes(v)).strip()) for n, v in fields)
+
+
+piece = st.sampled_from(
+    [
+        b"From: a@x",
+        b"To: b@y",
+        b"Subject: caf\xc3\xa9 \xe9",
+        b"X-A :v",
+        b"From a@x Tue",
+        b"junk",
+        b" folded",
+        b"\tmore",
+        b"",
+        b"\r",
+        b":",
+        b"A:",
+        b"\xff:",
+        b" ",
+        b"a\rb: c",
+    ]
+)
+header = st.lists(st.tuples(piece, st.sampled_from([b"\n", b"\r\n", b"\r\r\n"])), max_size=8).map(
+    lambda parts: b"".join(p + sep for p, sep in parts)
+)
+
+
+@settings(max_examples=800, deadline=None)
+@given(header, st.booleans(), st.binary(max_size=6))
+@example(b"From a@x Tue\n folded\nTo: b@y\n", False, b"")
+@example(b"Subject: x\r\n  y\r\nTo: b", True, b"")
+def test_fields_are_those_of_a_line_by_line_reading(
+    raw: bytes, truncated: bool, tail: bytes
+) -> None:
+    raw += tail
+    assert parse_header_bytes(raw, truncated).fields == line_by_line(raw, truncated)
+
+
+def test_lookups_ignore_case_and_keep_file_order() -> None:
+    block = parse_header_bytes(b"To: a@x\nCc: c@x\nto: b@x")
+    assert block.get_all("TO") == ["a@x", "b@x"]
+    assert block.get("cC") == "c@x"
+    assert block.get("Bcc", "none") == "none"
+
+
+def test_reading_stops_at_the_empty_line_and_at_the_cap(tmp_path: Path) -> None:
+    path = tmp_path / "m"
+    path.write_bytes(b"To: a@x\r\nSubject: s\r\n\r\nbody: not a header\r\n")
+    assert read_header_bytes(path) == (b"To: a@x\r\nSubject: s", False)
+    path.write_bytes(b"To: a@x\nSubject: " + b"s" * 100)
+    assert read_header_bytes(path, max_bytes=20) == (b"To: a@x\nSubject: sss", True)
+
+
+def test_reading_a_header_section_across_chunks_and_files_without_one(tmp_path: Path) -> None:
+    path = tmp_path / "m"
+    long = b"X-Long: " + b"v" * 40000 + b"\r\n"
+    path.write_bytes(long + b"To: a@x\r\n\r\nbody")
+    assert read_header_bytes(path) == (long + b"To: a@x", False)
+    path.write_bytes(b"")
+    assert read_header_bytes(path) == (b"", False)
+    path.write_bytes(b"\r\nbody: x")
+    assert read_header_bytes(path) == (b"", False)
+    path.write_bytes(b"To: a@x")  # no body, no empty line
+    assert read_header_bytes(path) == (b"To: a@x", False)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=40).map(lambda b: b.replace(b"a", b"\n").replace(b"b", b"\r")))
+def test_end_of_header_is_found_where_the_pattern_first_matches(buf: bytes) -> None:
+    match = re.search(rb"\r?\n\r?\n", buf)
+    assert _end_of_header(buf) == (match.start() if match else -1)

@@ -1,0 +1,221 @@
+"""Batched store writes (``Store.batch``) on both backends: many messages per transaction, each
+message still all-or-nothing, a crash losing only the open transaction's rows."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from pg import PgCluster, running_cluster
+from sentlink.errors import StoreError
+from sentlink.model import Link, MessageInfo, Participant, Record
+from sentlink.store import IndexedFile, NewEvent, Store, open_store
+
+BOB = Record("contact", "c1", "Bob", ("bob@customer.test",))
+_names = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def pg_cluster() -> Iterator[PgCluster]:
+    yield from running_cluster()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/sentlink.db"
+    cluster: PgCluster = request.getfixturevalue("pg_cluster")
+    return cluster.create_database(f"batch{next(_names)}")
+
+
+@pytest.fixture
+def stores(store_url: str) -> Iterator[Callable[[], Store]]:
+    """Opens stores on one database: each has its own connections, like another process."""
+    opened: list[Store] = []
+
+    def open_one() -> Store:
+        opened.append(open_store(store_url))
+        return opened[-1]
+
+    yield open_one
+    for s in opened:
+        s.close()
+
+
+def info(uniq: str, message_id: str = "", folder: str = "Sent") -> MessageInfo:
+    prefix = ".Sent/" if folder == "Sent" else ""
+    return MessageInfo(
+        "alice",
+        folder,
+        uniq,
+        f"{prefix}cur/{uniq}:2,S",
+        "sent",
+        message_id or f"{uniq}@x.test",
+        "subject",
+        "",
+        (Participant("bob@customer.test", "to"),),
+    )
+
+
+def link(m: MessageInfo) -> Link:
+    return Link("alice", m.message_id, BOB, "bob@customer.test", "to", "address", "sent")
+
+
+def event(eid: str, hooks: tuple[str, ...] = ("crm",)) -> NewEvent:
+    return NewEvent(eid, "message.linked", "{}", ("contact:c1",), hooks, 1.0)
+
+
+def save(store: Store, uniq: str, hooks: tuple[str, ...] = ("crm",)) -> bool:
+    m = info(uniq)
+    return store.save_message(m, [link(m)], [event(f"e-{uniq}", hooks)])
+
+
+def indexed(store: Store) -> set[str]:
+    return set(store.folder_files("alice", "Sent"))
+
+
+def test_batched_writes_are_seen_by_the_writer_and_committed_when_the_block_ends(
+    stores: Callable[[], Store],
+) -> None:
+    writer, other = stores(), stores()
+    writer.upsert_record(BOB)
+    with writer.batch(max_writes=100, max_seconds=3600):
+        assert save(writer, "u1") and save(writer, "u2")
+        assert writer.has_message("alice", "u1")
+        assert not save(writer, "u1")  # idempotence sees the uncommitted row
+        assert indexed(other) == set()
+    assert indexed(other) == {"u1", "u2"}
+    assert len(list(other.query_links())) == 2
+    assert len(list(other.outbox_rows({"pending"}))) == 2
+
+
+def test_a_batch_commits_every_max_writes(stores: Callable[[], Store]) -> None:
+    writer, other = stores(), stores()
+    writer.upsert_record(BOB)
+    with writer.batch(max_writes=2, max_seconds=3600):
+        for n in range(3):
+            save(writer, f"u{n}")
+        assert indexed(other) == {"u0", "u1"}
+    assert indexed(other) == {"u0", "u1", "u2"}
+
+
+def test_a_failing_message_leaves_none_of_its_rows_and_the_batch_goes_on(
+    stores: Callable[[], Store],
+) -> None:
+    writer, other = stores(), stores()
+    writer.upsert_record(BOB)
+    with writer.batch(max_writes=100, max_seconds=3600):
+        save(writer, "good1")
+        with pytest.raises(StoreError):
+            save(writer, "bad", hooks=("crm", "crm"))  # the second delivery row breaks a key
+        save(writer, "good2")
+    assert indexed(other) == {"good1", "good2"}
+    assert {r["message_id"] for r in other.query_links()} == {"good1@x.test", "good2@x.test"}
+    assert {r["id"] for r in other.outbox_rows({"pending"})} == {"e-good1", "e-good2"}
+
+
+def test_before_commit_runs_before_the_rows_are_committed(stores: Callable[[], Store]) -> None:
+    writer, other = stores(), stores()
+    writer.upsert_record(BOB)
+    seen_at_hook: list[set[str]] = []
+    with writer.batch(
+        max_writes=2, max_seconds=3600, before_commit=lambda: seen_at_hook.append(indexed(other))
+    ):
+        for n in range(3):
+            save(writer, f"u{n}")
+    assert seen_at_hook == [set(), {"u0", "u1"}]
+
+
+def test_a_nested_batch_joins_the_open_one_and_commits_when_it_ends(
+    stores: Callable[[], Store],
+) -> None:
+    writer, other = stores(), stores()
+    writer.upsert_record(BOB)
+    hooks: list[str] = []
+    with writer.batch(
+        max_writes=100, max_seconds=3600, before_commit=lambda: hooks.append("outer")
+    ):
+        save(writer, "u1")
+        with writer.batch(before_commit=lambda: hooks.append("inner")):
+            save(writer, "u2")
+        assert indexed(other) == {"u1", "u2"}
+        save(writer, "u3")
+    assert hooks == ["outer", "inner", "outer"]
+    assert indexed(other) == {"u1", "u2", "u3"}
+
+
+def test_bulk_lookups_list_a_folders_files_and_a_messages_copies(
+    stores: Callable[[], Store],
+) -> None:
+    store = stores()
+    first, copy, inbox = info("u1", "m@x"), info("u2", "m@x"), info("u3", "n@x", folder="INBOX")
+    assert store.save_message(first, [])
+    assert not store.save_message(copy, [])  # a second copy of the message: its file is kept
+    assert store.save_message(inbox, [])
+    assert store.folder_files("alice", "Sent") == {
+        "u1": ".Sent/cur/u1:2,S",
+        "u2": ".Sent/cur/u2:2,S",
+    }
+    assert store.account_uniqs("alice") == {"u1", "u2", "u3"}
+    assert store.message_files("alice", "m@x") == [
+        IndexedFile("u1", "Sent", ".Sent/cur/u1:2,S"),
+        IndexedFile("u2", "Sent", ".Sent/cur/u2:2,S"),
+    ]
+    assert store.message_files("alice", "") == []
+    assert store.message_files("bob", "m@x") == []
+
+
+CRASH_MID_BATCH = """
+import os, sys
+from sentlink.model import Link, MessageInfo, Participant, Record
+from sentlink.store import NewEvent, open_store
+store = open_store(sys.argv[1])
+bob = Record("contact", "c1", "Bob", ("bob@customer.test",))
+store.upsert_record(bob)
+with store.batch(max_writes=10, max_seconds=3600):
+    for n in range(25):
+        m = MessageInfo("alice", "Sent", f"u{n}", f".Sent/cur/u{n}", "sent", f"{n}@x", "s", "",
+                        (Participant("bob@customer.test", "to"),))
+        link = Link("alice", m.message_id, bob, "bob@customer.test", "to", "address", "sent")
+        ev = NewEvent(f"e{n}", "message.linked", "{}", ("contact:c1",), ("crm",), 1.0)
+        store.save_message(m, [link], [ev])
+    os._exit(3)  # killed mid-batch: 20 messages committed, 5 in the open transaction
+"""
+
+
+def test_a_crash_mid_batch_loses_only_the_open_transactions_rows_and_never_half_a_message(
+    store_url: str, stores: Callable[[], Store]
+) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", CRASH_MID_BATCH, store_url], capture_output=True, timeout=60
+    )
+    assert proc.returncode == 3, proc.stderr.decode()
+    store = stores()
+    assert indexed(store) == {f"u{n}" for n in range(20)}
+    linked = {r["message_id"] for r in store.query_links()}
+    events = {r["id"] for r in store.outbox_rows({"pending"})}
+    assert linked == {f"{n}@x" for n in range(20)}
+    assert events == {f"e{n}" for n in range(20)}
+    # The next pass (a rescan re-reading the Maildir) writes the lost ones again.
+    with store.batch():
+        for n in range(25):
+            m = MessageInfo(
+                "alice",
+                "Sent",
+                f"u{n}",
+                f".Sent/cur/u{n}",
+                "sent",
+                f"{n}@x",
+                "s",
+                "",
+                (Participant("bob@customer.test", "to"),),
+            )
+            store.save_message(
+                m, [Link("alice", m.message_id, BOB, "bob@customer.test", "to", "address", "sent")]
+            )
+    assert indexed(store) == {f"u{n}" for n in range(25)}
