@@ -66,6 +66,9 @@ def test_metrics_count_captured_mail_and_report_components(
         wait_for(
             lambda: value(scrape(port)[1], "sentlink_rescans_total") >= 1, 15.0, what="a rescan"
         )
+        # No CRM records here: the three copies are handled as skipped (no-match).
+        handled = 'sentlink_watch_messages_total{status="skipped"}'
+        wait_for(lambda: value(scrape(port)[1], handled) >= 3, 15.0, what="3 handled messages")
         assert "# TYPE sentlink_milter_eom_seconds histogram" in after
     finally:
         assert serve.stop() == 0

@@ -63,6 +63,14 @@ def watcher_samples(watcher: Any) -> Iterable[Sample]:
             "When the last rescan ended (Unix time)",
             watcher.last_rescan,
         )
+    for status, n in sorted(getattr(watcher, "handled", {}).items()):
+        yield Sample(
+            "sentlink_watch_messages_total",
+            "counter",
+            "Messages the watcher handled (linked, skipped, ambiguous, ...)",
+            n,
+            (("status", status),),
+        )
     summary = watcher.last_summary
     if summary is not None:
         for status, n in sorted(summary.by_status.items()):

@@ -35,6 +35,7 @@ def serve_state(components: Sequence[Any], counters: Counters, started: float) -
                 "last_rescan": watcher.last_rescan,
                 "rescans": watcher.rescans,
                 "inotify_overflows": getattr(watcher, "overflows", 0),
+                "handled": dict(getattr(watcher, "handled", {})),
             }
     return state
 

@@ -14,7 +14,7 @@ import os
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ class WatcherView:
     overflows: int = 0
     last_rescan: float | None = None
     last_summary: Any = None
+    handled: dict[str, int] = field(default_factory=dict)
 
 
 class WatcherProcessComponent:
@@ -96,6 +97,7 @@ class WatcherProcessComponent:
             rescans=int(watch.get("rescans", 0)),
             overflows=int(watch.get("inotify_overflows", 0)),
             last_rescan=watch.get("last_rescan"),
+            handled={str(k): int(v) for k, v in (watch.get("handled") or {}).items()},
         )
 
 

@@ -101,6 +101,8 @@ class FolderWatcher:
         self.last_summary: ScanSummary | None = None
         self.rescans = 0
         self.overflows = 0
+        self.handled: dict[str, int] = {}
+        """Messages handled since start, by outcome (linked, skipped, ...): for metrics."""
 
     def prepare_folders(self) -> list[FolderRef]:
         """Create missing watched folders; a folder that cannot be made safe is left out."""
@@ -164,6 +166,8 @@ class FolderWatcher:
         self.rescans += 1
         self.last_rescan = time.time()
         self.last_summary = summary
+        for status, n in summary.by_status.items():
+            self.handled[status] = self.handled.get(status, 0) + n
         log.info(
             "rescan: seen=%d linked=%d moved=%d duplicates=%d skipped=%d failed=%d in %.2fs",
             summary.seen,
@@ -235,6 +239,7 @@ class FolderWatcher:
             if needs_linking(self._store, ref, path):
                 outcome = handle_one(handler, ref, path)
                 handler.flush()
+                self.handled[outcome.status] = self.handled.get(outcome.status, 0) + 1
                 log.debug("account=%s file=%s %s", ref.account.name, path.name, outcome.status)
         except Exception as exc:  # the rescan retries; the watcher keeps running
             log.warning("account=%s file=%s not handled: %s", ref.account.name, path.name, exc)
