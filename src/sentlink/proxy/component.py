@@ -7,6 +7,7 @@ import threading
 
 from sentlink.capture import Counters
 from sentlink.config.models import Config
+from sentlink.proxy.server import Reloads
 
 log = logging.getLogger("sentlink.proxy")
 
@@ -19,6 +20,7 @@ class ProxyComponent:
         self._secret = secret
         self._counters = counters
         self._stop = threading.Event()
+        self._reloads = Reloads()
         self._thread = threading.Thread(target=self._run, name="sentlink-proxy", daemon=True)
         self.error: BaseException | None = None
 
@@ -26,7 +28,13 @@ class ProxyComponent:
         from sentlink.proxy.server import run_proxy
 
         try:
-            run_proxy(self._config, self._stop, secret=self._secret, counters=self._counters)
+            run_proxy(
+                self._config,
+                self._stop,
+                secret=self._secret,
+                counters=self._counters,
+                reloads=self._reloads,
+            )
         except BaseException as exc:  # reported through alive() to the main thread
             self.error = exc
             log.error("proxy failed: %s", exc)
@@ -38,8 +46,10 @@ class ProxyComponent:
         return self._thread.is_alive()
 
     def reload(self, config: Config) -> None:
-        if config.proxy != self._config.proxy or config.accounts != self._config.accounts:
-            log.warning("reload: proxy and account changes reach the proxy after a restart")
+        if config.proxy is None:
+            log.warning("reload: the proxy: section was removed; restart to stop the proxy")
+            return
+        self._reloads.put(config)
 
     def stop(self, timeout: float) -> None:
         self._stop.set()

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import socket
 import ssl
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 from sentlink.accounts import Accounts
 from sentlink.capture import Counters, SentCopyWriter
@@ -47,8 +49,39 @@ def build_deps(config: Config, secret: bytes, counters: Counters) -> ProxyDeps:
     )
 
 
+class Reloads:
+    """Configurations handed over by SIGHUP, applied on the proxy's event loop between polls."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Config] = queue.SimpleQueue()
+
+    def put(self, config: Config) -> None:
+        self._queue.put(config)
+
+    def take(self) -> Config | None:
+        try:
+            return self._queue.get_nowait()
+        except queue.Empty:
+            return None
+
+
+def reloaded(deps: ProxyDeps, config: Config) -> ProxyDeps:
+    """``deps`` with the accounts and proxy settings of ``config``; the listener, TLS and the
+    limits a running server was built with stay until a restart."""
+    assert config.proxy is not None
+    running = deps.config
+    kept = ("listen", "mode", "tls", "limits")
+    if any(getattr(config.proxy, k) != getattr(running, k) for k in kept):
+        log.warning("reload: proxy listen/mode/tls/limits changes take effect after a restart")
+    proxy = replace(config.proxy, **{k: getattr(running, k) for k in kept})
+    return replace(deps, config=proxy, accounts=Accounts(config.accounts))
+
+
 async def serve_proxy(
-    deps: ProxyDeps, stop: threading.Event, ready: Callable[[], None] | None = None
+    deps: ProxyDeps,
+    stop: threading.Event,
+    ready: Callable[[], None] | None = None,
+    reloads: Reloads | None = None,
 ) -> None:
     config = deps.config
     host, port = parse_host_port(config.listen)
@@ -91,6 +124,12 @@ async def serve_proxy(
     try:
         while not stop.is_set():
             await asyncio.sleep(0.2)
+            new = reloads.take() if reloads is not None else None
+            if new is not None and new.proxy is not None:
+                # New sessions and new transactions see the new accounts and upstreams; open
+                # connections are not dropped.
+                handler._deps = reloaded(handler._deps, new)
+                log.info("proxy: configuration reloaded; accounts=%d", len(new.accounts))
     finally:
         server.close()
         await deps.pool.close()
@@ -108,11 +147,12 @@ def run_proxy(
     secret: bytes,
     counters: Counters,
     ready: Callable[[], None] | None = None,
+    reloads: Reloads | None = None,
 ) -> None:
     """Serve until ``stop`` is set (blocking: run it in its own thread or process)."""
     deps = build_deps(config, secret, counters)
     try:
-        asyncio.run(serve_proxy(deps, stop, ready))
+        asyncio.run(serve_proxy(deps, stop, ready, reloads))
     finally:
         deps.executor.shutdown(wait=True)
         deps.writer.close()
