@@ -51,3 +51,25 @@ def test_man_page_renders_without_groff_warnings(page: str) -> None:
         [groff, "-man", "-ww", "-z", str(DOCS / page)], capture_output=True, text=True, timeout=30
     )
     assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+def test_every_command_help_ends_with_examples() -> None:
+    import click
+
+    from sentlink.cli_examples import EXAMPLES
+
+    def commands(group: click.Group, prefix: str = "") -> list[tuple[str, click.Command]]:
+        found = []
+        for name, command in group.commands.items():
+            if isinstance(command, click.Group):
+                found += commands(command, f"{prefix}{name} ")
+            else:
+                found.append((f"{prefix}{name}", command))
+        return found
+
+    for path, command in commands(cli):
+        if path in EXAMPLES:
+            assert "Examples:" in (command.help or ""), path
+    documented = {path for path, _ in commands(cli)}
+    assert set(EXAMPLES) <= documented  # no examples for a command that does not exist
+    assert len(EXAMPLES) >= len(documented) - 3  # nearly every command has some

@@ -14,6 +14,7 @@ from typing import NoReturn
 import click
 
 from sentlink import __version__, sysexits
+from sentlink.cli_examples import add_examples
 from sentlink.config import default_config_path, load_config
 from sentlink.config.models import AccountConfig, Config
 from sentlink.errors import ConfigError, SentlinkError
@@ -107,9 +108,11 @@ def check_config(obj: Context) -> None:
 def serve(obj: Context) -> None:
     """Run every configured component until SIGTERM or SIGINT.
 
-    The milter runs when the file has a milter: section; a watcher over each account's Sent
-    folder always runs, linking what lands there (startup reconcile, then events and a rescan
-    every watch.rescan_seconds).
+    The milter runs when the file has a milter: section, the SMTP proxy with proxy:, the outbox
+    worker with hooks:, the metrics endpoint with metrics:; the watcher always runs (in a child
+    process at a lower priority when a capture entrance runs here), linking what lands in the
+    watched folders. SIGHUP reloads the configuration (a bad file is refused); SIGTERM lets
+    SMTP sessions in flight finish, then exits 0.
     """
     from sentlink.serve import serve as run_serve
 
@@ -570,6 +573,7 @@ def _add_outbox_commands() -> None:
 
 
 _add_outbox_commands()
+add_examples(cli)
 
 
 def main() -> None:
