@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -130,8 +131,14 @@ watch: {{rescan_seconds: 3600}}
         finally:
             MAX_QUEUED.write_text(original)
         box = tmp_path / "alice"
-        for n in range(2000):
-            drop(box, "Sent", mail(f"b{n}@x", frm=ALICE, to="bob@customer.test"), flags="S")
+        # The watcher is paused while the files land, so its 64-event queue overflows for sure
+        # (a fast reader on an idle machine could otherwise keep up).
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            for n in range(2000):
+                drop(box, "Sent", mail(f"b{n}@x", frm=ALICE, to="bob@customer.test"), flags="S")
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
         wait_for(lambda: indexed(tmp_path / "s.db") == 2000, 60)
         text = log_path.read_text()
         assert "inotify queue overflowed: events were lost; rescanning now" in text
