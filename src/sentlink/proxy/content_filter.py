@@ -15,8 +15,6 @@ import logging
 from aiosmtpd.smtp import Envelope, Session
 
 from sentlink.config.proxy_checks import parse_host_port
-from sentlink.errors import CaptureError
-from sentlink.model import Envelope as MailEnvelope
 from sentlink.proxy import security
 from sentlink.proxy.copies import write_copy_once
 from sentlink.proxy.deps import ProxyDeps, log_message
@@ -97,9 +95,7 @@ class ContentFilterHandler(RelayingHandler):
                 copy = await self._file_copy(server, session, envelope, headers, spool, body_start)
             except Exception as exc:
                 # No copy, no re-injection: Postfix keeps the message and tries again.
-                reason = exc.reason if isinstance(exc, CaptureError) else "internal"
-                log.warning("session=%s: capture failed: %s: %s", state.sid, reason, exc)
-                self._deps.counters.add("failed", reason)
+                reason = self.capture_failed(server, exc)
                 await relay.rset()
                 server.release_relay()
                 log_message(
@@ -137,12 +133,7 @@ class ContentFilterHandler(RelayingHandler):
         assert account is not None
         deps = self._deps
         message_id = message_id_of(headers) or ""
-        mail_envelope = MailEnvelope(
-            queue_id=state.sid,
-            mail_from=envelope.mail_from or "",
-            rcpt_to=tuple(envelope.rcpt_tos),
-            client_addr=security.peer_address(session.peer),
-        )
+        mail_envelope = self.mail_envelope(server, session, envelope)
         path = await asyncio.get_running_loop().run_in_executor(
             deps.executor,
             write_copy_once,

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 from aiosmtpd.smtp import Envelope, Session
 
+from sentlink.errors import CaptureError
+from sentlink.model import Envelope as MailEnvelope
 from sentlink.proxy import security
 from sentlink.proxy.deps import ProxyDeps
 from sentlink.proxy.session import ProxySMTP
+
+log = logging.getLogger("sentlink.proxy")
 
 
 class RelayingHandler:
@@ -19,6 +24,25 @@ class RelayingHandler:
 
     async def relay_data(self, server: ProxySMTP, session: Session, envelope: Envelope) -> str:
         raise NotImplementedError
+
+    @staticmethod
+    def mail_envelope(server: ProxySMTP, session: Session, envelope: Envelope) -> MailEnvelope:
+        """The SMTP envelope as capture sees it; the session id stands in for a queue id."""
+        state = server.state
+        return MailEnvelope(
+            queue_id=state.sid,
+            mail_from=envelope.mail_from or "",
+            rcpt_to=tuple(envelope.rcpt_tos),
+            client_addr=security.peer_address(session.peer),
+            auth_login=state.login,
+        )
+
+    def capture_failed(self, server: ProxySMTP, exc: Exception) -> str:
+        """Log and count a Sent copy that could not be filed; its short reason."""
+        reason = exc.reason if isinstance(exc, CaptureError) else "internal"
+        log.warning("session=%s: capture failed: %s: %s", server.state.sid, reason, exc)
+        self._deps.counters.add("failed", reason)
+        return reason
 
     async def handle_DATA(self, server: ProxySMTP, session: Session, envelope: Envelope) -> str:
         started = time.monotonic()

@@ -16,8 +16,6 @@ from pathlib import Path
 from aiosmtpd.smtp import MISSING, AuthResult, Envelope, Session
 
 from sentlink.config.models import UpstreamConfig
-from sentlink.errors import CaptureError
-from sentlink.model import Envelope as MailEnvelope
 from sentlink.proxy import security
 from sentlink.proxy.copies import write_copy
 from sentlink.proxy.deps import ProxyDeps, log_message, target_of
@@ -216,13 +214,7 @@ class SubmissionHandler(RelayingHandler):
     ) -> str:
         state = server.state
         assert state.account is not None
-        mail_envelope = MailEnvelope(
-            queue_id=state.sid,
-            mail_from=envelope.mail_from or "",
-            rcpt_to=tuple(envelope.rcpt_tos),
-            client_addr=security.peer_address(session.peer),
-            auth_login=state.login,
-        )
+        mail_envelope = self.mail_envelope(server, session, envelope)
         loop = asyncio.get_running_loop()
         try:
             path = await loop.run_in_executor(
@@ -237,9 +229,7 @@ class SubmissionHandler(RelayingHandler):
                 None,
             )
         except Exception as exc:  # the message is sent: never fail the client for the copy
-            reason = exc.reason if isinstance(exc, CaptureError) else "internal"
-            log.warning("session=%s: capture failed: %s: %s", state.sid, reason, exc)
-            self._deps.counters.add("failed", reason)
+            reason = self.capture_failed(server, exc)
             return f"failed ({reason})"
         self._deps.counters.add("captured")
         return path.name
