@@ -585,6 +585,26 @@ def milter_setting(spec: str) -> str:
     return f"{{ {spec}, default_action=accept }}"
 
 
+def transaction(smtp: smtplib.SMTP, mail_from: str, rcpts: Sequence[str], message: bytes) -> bytes:
+    """One MAIL/RCPT/DATA transaction; the server's final reply. Raises the :mod:`smtplib`
+    errors, ``SMTPRecipientsRefused`` (after RSET) if any recipient is refused."""
+    code, reply = smtp.mail(mail_from)
+    if code != 250:
+        raise smtplib.SMTPSenderRefused(code, reply, mail_from)
+    refused: dict[str, tuple[int, bytes]] = {}
+    for rcpt in rcpts:
+        code, reply = smtp.rcpt(rcpt)
+        if code not in (250, 251):
+            refused[rcpt] = (code, reply)
+    if refused:
+        smtp.rset()
+        raise smtplib.SMTPRecipientsRefused(refused)
+    code, reply = smtp.data(message)
+    if code != 250:
+        raise smtplib.SMTPDataError(code, reply)
+    return reply
+
+
 class PostfixLab:
     """A private Postfix instance (see the module docstring for layout and routing).
 
@@ -834,20 +854,7 @@ class PostfixLab:
                 smtp.ehlo()  # XCLIENT restarts the session at the greeting
             if login is not None:
                 smtp.login(login, password or "")
-            code, reply = smtp.mail(mail_from)
-            if code != 250:
-                raise smtplib.SMTPSenderRefused(code, reply, mail_from)
-            refused: dict[str, tuple[int, bytes]] = {}
-            for rcpt in rcpts:
-                code, reply = smtp.rcpt(rcpt)
-                if code not in (250, 251):
-                    refused[rcpt] = (code, reply)
-            if refused:
-                smtp.rset()
-                raise smtplib.SMTPRecipientsRefused(refused)
-            code, reply = smtp.data(message)
-            if code != 250:
-                raise smtplib.SMTPDataError(code, reply)
+            reply = transaction(smtp, mail_from, rcpts, message)
         match = re.search(rb"queued as ([0-9A-Za-z]+)", reply)
         return match.group(1).decode() if match else reply.decode("utf-8", "replace")
 

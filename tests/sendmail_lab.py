@@ -51,6 +51,7 @@ from lab import (
     is_listening,
     make_lab_dir,
     pid_alive,
+    transaction,
     wait_for,
 )
 
@@ -444,20 +445,7 @@ MAILER(`smtp')dnl
             smtp.ehlo()
             if login is not None:
                 smtp.login(login, password or "")
-            code, reply = smtp.mail(mail_from)
-            if code != 250:
-                raise smtplib.SMTPSenderRefused(code, reply, mail_from)
-            refused: dict[str, tuple[int, bytes]] = {}
-            for rcpt in rcpts:
-                code, reply = smtp.rcpt(rcpt)
-                if code not in (250, 251):
-                    refused[rcpt] = (code, reply)
-            if refused:
-                smtp.rset()
-                raise smtplib.SMTPRecipientsRefused(refused)
-            code, reply = smtp.data(message)
-            if code != 250:
-                raise smtplib.SMTPDataError(code, reply)
+            reply = transaction(smtp, mail_from, rcpts, message)
         # "250 2.0.0 6AS3ZkIk008273 Message accepted for delivery"
         match = re.search(rb"(\S+) Message accepted", reply)
         return match.group(1).decode() if match else reply.decode("utf-8", "replace")
