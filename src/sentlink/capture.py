@@ -29,7 +29,7 @@ from pathlib import Path
 from sentlink.addresses import AmbiguousAddressError, normalize_address, parse_mailboxes
 from sentlink.config.models import AccountConfig
 from sentlink.errors import CaptureError
-from sentlink.maildir import FolderCache, MaildirDelivery, resolve_owner
+from sentlink.maildir import FolderCache, MaildirDelivery, Owner, resolve_owner
 from sentlink.metrics import Histogram
 from sentlink.model import Envelope
 from sentlink.trace import TRACE_HEADER, sign
@@ -231,6 +231,9 @@ class SentCopyWriter:
         self._hostname = hostname
         self._clock = clock
         self._folders = folders if folders is not None else FolderCache()
+        # Owner names resolved once (a passwd lookup per message would be on the SMTP path);
+        # a reload builds new account objects but the same names map to the same ids.
+        self._owners: dict[str | None, Owner] = {}
 
     def close(self) -> None:
         """Close the cached folders (those in use as soon as their copies are done)."""
@@ -279,7 +282,9 @@ class SentCopyWriter:
         block += b"\n"
 
         try:
-            owner = resolve_owner(account.owner)
+            owner = self._owners.get(account.owner)
+            if owner is None:
+                owner = self._owners.setdefault(account.owner, resolve_owner(account.owner))
             # start() creates the Maildir and the folder (with its maildirfolder marker and
             # subscription) when missing, as ensure_folder() does.
             delivery = MaildirDelivery.start(
