@@ -240,6 +240,44 @@ def test_worker_delivers_each_event_once_and_marks_it_done(store: Store) -> None
     assert len(list(store.outbox_rows({"done"}))) == 25
 
 
+def test_a_batch_saves_its_outcomes_together_and_a_slow_batch_every_second(
+    store: Store,
+) -> None:
+    for i in range(4):
+        save(store, f"e{i}", (f"contact:c{i}",))
+    done_before: list[int] = []
+
+    class Slow(Recorder):
+        def deliver(self, ev: Event) -> Result:
+            done_before.append(len(list(store.outbox_rows({"done"}))))
+            time.sleep(0.6)  # a slow receiver: the batch takes longer than a second
+            return super().deliver(ev)
+
+    hook = Slow()
+    w, runner = worker(store, hook)
+    assert w.deliver_batch(runner) == 4
+    # Nothing is saved after each event; the outcomes of the first second are saved then.
+    assert done_before == [0, 0, 2, 2]
+    assert len(list(store.outbox_rows({"done"}))) == 4
+    assert list(store.outbox_rows({"pending"})) == []
+
+
+def test_outcomes_delivered_before_a_store_failure_are_still_saved(store: Store) -> None:
+    for i in range(3):
+        save(store, f"e{i}", (f"contact:c{i}",))
+
+    class Failing(Recorder):
+        def deliver(self, ev: Event) -> Result:
+            if ev.id == "e1":
+                raise KeyboardInterrupt  # anything escaping the loop, after e0 was delivered
+            return super().deliver(ev)
+
+    w, runner = worker(store, Failing())
+    with pytest.raises(KeyboardInterrupt):
+        w.deliver_batch(runner)
+    assert [r["id"] for r in store.outbox_rows({"done"})] == ["e0"]
+
+
 def test_events_of_one_record_go_out_in_order_while_other_records_proceed(store: Store) -> None:
     save(store, "a1", ("contact:c1",))
     save(store, "b1", ("contact:c2",))

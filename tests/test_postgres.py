@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from hookutil import write_config
@@ -42,6 +43,30 @@ def msg(uniq: str, message_id: str) -> MessageInfo:
         "",
         (Participant("bob@customer.test", "to"),),
     )
+
+
+def test_a_fresh_backlog_is_claimed_without_scanning_every_pending_delivery(
+    pg_cluster: PgCluster,
+) -> None:
+    # Written a moment ago, so PostgreSQL has no statistics on it yet: the plan must still
+    # look each candidate's earlier events up by key (about 9,000 buffers for the 1,000
+    # candidates here), not scan every pending delivery for each of them (about 280,000).
+    store = open_store(pg_cluster.create_database("backlog"))
+    records = [Record("contact", f"c{i}", f"C{i}", (f"c{i}@customer.test",)) for i in range(50)]
+    store.upsert_records(records)
+    for i in range(1000):
+        record = records[i % len(records)]
+        event = NewEvent(f"e{i}", "message.linked", "{}", (f"contact:{record.id}",), ("crm",), 0.0)
+        assert store.save_message(msg(f"u{i}", f"m{i}@x"), [], [event])
+    sql = PostgresStore._claim_sql().replace("?", "%s")
+    with psycopg.connect(pg_cluster.url("backlog"), autocommit=True) as conn:
+        (plan,) = conn.execute(
+            "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + sql, ("crm", time.time(), 1e12, 100)
+        ).fetchone()
+    top = plan[0]["Plan"]
+    assert top["Actual Rows"] == 50  # the first event of each record; the rest wait behind it
+    assert top["Shared Hit Blocks"] + top["Shared Read Blocks"] < 40_000, json.dumps(plan)
+    store.close()
 
 
 def test_postgres_store_keeps_the_store_contract(pg_cluster: PgCluster) -> None:

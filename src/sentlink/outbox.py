@@ -32,13 +32,15 @@ from typing import Any
 from sentlink.config.models import AccountConfig, Config, HookConfig, OutboxConfig
 from sentlink.errors import ConfigError, StoreError
 from sentlink.hooks import Event, Hook, Result, build_hooks
-from sentlink.store import Delivery, Store
+from sentlink.store import Attempt, Delivery, Store
 
 log = logging.getLogger("sentlink.outbox")
 
 # Margin kept between a delivery's timeout and the end of the lease it runs under.
 _LEASE_MARGIN = 5.0
 _MAX_BODY_CHARS = 1_000_000
+# A batch's outcomes are saved at its end, or after this many seconds of a slow batch.
+_SAVE_SECONDS = 1.0
 
 BodyReader = Callable[[Mapping[str, Any]], str | None]
 
@@ -124,30 +126,44 @@ class OutboxWorker:
     # one round
 
     def deliver_batch(self, runner: HookRunner) -> int:
-        """Claim and deliver one batch for ``runner``'s hook; returns how many were claimed."""
+        """Claim and deliver one batch for ``runner``'s hook; returns how many were claimed.
+
+        Outcomes are recorded together, one transaction per batch (or per second of a slow
+        batch) rather than one per event: a worker killed in between delivers those events
+        again, which at-least-once delivery and the event id as idempotency key allow.
+        """
         name = runner.hook.name
         lease = float(self._config.lease_seconds)
         now = time.time()
         claimed = self._store.claim_deliveries(name, self.owner, self._config.batch, lease, now)
         lease_end = now + lease
-        for index, delivery in enumerate(claimed):
-            if self._stop.is_set():
-                # Hand the rest back now instead of when the lease ends.
-                rest = [d.event_pk for d in claimed[index:]]
-                self._store.extend_lease(name, self.owner, rest, 0.0)
-                break
-            if time.time() + runner.timeout + _LEASE_MARGIN > lease_end:
-                lease_end = time.time() + lease
-                rest = [d.event_pk for d in claimed[index:]]
-                self._store.extend_lease(name, self.owner, rest, lease_end)
-            outcome = self._deliver(runner, delivery)
-            with self._results_lock:
-                key = (runner.hook.name, outcome)
-                self.results[key] = self.results.get(key, 0) + 1
-            if outcome == "disabled":
-                rest = [d.event_pk for d in claimed[index + 1 :]]
-                self._store.extend_lease(name, self.owner, rest, 0.0)
-                break
+        attempts: list[Attempt] = []
+        saved_at = now
+        try:
+            for index, delivery in enumerate(claimed):
+                if self._stop.is_set():
+                    # Hand the rest back now instead of when the lease ends.
+                    rest = [d.event_pk for d in claimed[index:]]
+                    self._store.extend_lease(name, self.owner, rest, 0.0)
+                    break
+                if time.time() + runner.timeout + _LEASE_MARGIN > lease_end:
+                    lease_end = time.time() + lease
+                    rest = [d.event_pk for d in claimed[index:]]
+                    self._store.extend_lease(name, self.owner, rest, lease_end)
+                outcome, attempt = self._deliver(runner, delivery)
+                attempts.append(attempt)
+                with self._results_lock:
+                    key = (runner.hook.name, outcome)
+                    self.results[key] = self.results.get(key, 0) + 1
+                if outcome == "disabled":
+                    rest = [d.event_pk for d in claimed[index + 1 :]]
+                    self._store.extend_lease(name, self.owner, rest, 0.0)
+                    break
+                if attempt.at - saved_at >= _SAVE_SECONDS:
+                    self._store.finish_deliveries(name, attempts)
+                    attempts, saved_at = [], attempt.at
+        finally:
+            self._store.finish_deliveries(name, attempts)
         return len(claimed)
 
     def _event(self, runner: HookRunner, delivery: Delivery) -> Event:
@@ -161,7 +177,7 @@ class OutboxWorker:
         body = json.dumps(parsed, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         return Event(delivery.event_id, delivery.type, body, parsed["data"])
 
-    def _deliver(self, runner: HookRunner, delivery: Delivery) -> str:
+    def _deliver(self, runner: HookRunner, delivery: Delivery) -> tuple[str, Attempt]:
         hook = runner.hook
         try:
             event = self._event(runner, delivery)
@@ -171,10 +187,10 @@ class OutboxWorker:
             result = Result.retry(f"hook raised {type(exc).__name__}")
         now = time.time()
         attempts = delivery.attempts + 1
+        pk = delivery.event_pk
         if result.outcome == "done":
-            self._store.finish_delivery(hook.name, delivery.event_pk, "done", now, "", now)
             log.debug("hook %s: event %s delivered", hook.name, delivery.event_id)
-            return "done"
+            return "done", Attempt(pk, "done", now, "", now)
         if result.outcome == "failed" and result.disable:
             log.error(
                 "hook %s DISABLED: %s; `sentlink outbox retry --hook %s` enables it again",
@@ -184,10 +200,7 @@ class OutboxWorker:
             )
             self._store.disable_hook(hook.name, result.reason, now)
             # The event stays pending: it goes out if the hook is enabled again.
-            self._store.finish_delivery(
-                hook.name, delivery.event_pk, "pending", now, result.reason, now
-            )
-            return "disabled"
+            return "disabled", Attempt(pk, "pending", now, result.reason, now)
         if result.outcome == "failed":
             log.warning(
                 "hook %s: event %s failed, dead-lettered: %s",
@@ -195,10 +208,7 @@ class OutboxWorker:
                 delivery.event_id,
                 result.reason,
             )
-            self._store.finish_delivery(
-                hook.name, delivery.event_pk, "dead", now, result.reason, now
-            )
-            return "dead"
+            return "dead", Attempt(pk, "dead", now, result.reason, now)
         if now - delivery.since >= self._config.dead_letter_seconds:
             log.warning(
                 "hook %s: event %s undelivered after %d attempts, dead-lettered: %s",
@@ -207,10 +217,7 @@ class OutboxWorker:
                 attempts,
                 result.reason,
             )
-            self._store.finish_delivery(
-                hook.name, delivery.event_pk, "dead", now, result.reason, now
-            )
-            return "dead"
+            return "dead", Attempt(pk, "dead", now, result.reason, now)
         if result.retry_after is not None:
             delay = result.retry_after
         else:
@@ -223,10 +230,7 @@ class OutboxWorker:
             result.reason,
             delay,
         )
-        self._store.finish_delivery(
-            hook.name, delivery.event_pk, "pending", now + delay, result.reason, now
-        )
-        return "retry"
+        return "retry", Attempt(pk, "pending", now + delay, result.reason, now)
 
 
 class MaildirBodies:

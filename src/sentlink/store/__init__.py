@@ -71,6 +71,17 @@ class Delivery:
     since: float  # Unix time the dead-letter age counts from
 
 
+@dataclass(frozen=True)
+class Attempt:
+    """The outcome of one delivery attempt, as the worker records it."""
+
+    event_pk: int
+    state: DeliveryState  # done, dead, or pending again at next_at
+    next_at: float
+    error: str
+    at: float  # when the attempt ended
+
+
 class OutboxRow(TypedDict):
     """One delivery as ``sentlink outbox list --json`` prints it (members only ever added)."""
 
@@ -201,6 +212,9 @@ class Store(Protocol):
         now: float,
     ) -> None:
         """Record an attempt: ``done``, ``dead``, or ``pending`` again at ``next_at``."""
+
+    def finish_deliveries(self, hook: str, attempts: Sequence[Attempt]) -> None:
+        """Record several attempts of ``hook`` in one transaction."""
 
     def disable_hook(self, hook: str, reason: str, now: float) -> None:
         """Stop delivering to ``hook`` (the receiver said 410 Gone) until re-enabled."""

@@ -17,6 +17,7 @@ from typing import Any, Protocol, cast
 from sentlink.addresses import normalize_address
 from sentlink.model import Link, MessageInfo, Record, RecordKind
 from sentlink.store import (
+    Attempt,
     Delivery,
     DeliveryState,
     IndexedFile,
@@ -483,25 +484,38 @@ class SqlStore(ABC):
 
     # outbox
 
+    @classmethod
+    def _claim_sql(cls) -> str:
+        """Due deliveries of one hook (parameters: hook, now, now, limit), oldest first.
+
+        An earlier pending event of this hook sharing a record holds an event back, so one
+        record's events arrive in order; event_records only keeps rows of events still pending
+        somewhere, which keeps this check small. The earlier event's delivery is looked up by
+        primary key in a scalar subquery rather than joined: as a join, PostgreSQL without
+        fresh statistics (a backlog written in the last minute) planned it as a scan of every
+        pending delivery per candidate, 300 ms per claim for 2,000 pending events instead of
+        under 1 ms.
+        """
+        return (
+            "SELECT d.event_pk, e.id, e.type, e.payload, d.attempts, d.since"
+            " FROM deliveries d JOIN events e ON e.pk = d.event_pk"
+            " WHERE d.hook = ? AND d.state = 'pending' AND d.next_at <= ?"
+            " AND (d.lease_until IS NULL OR d.lease_until <= ?)"
+            " AND NOT EXISTS (SELECT 1 FROM event_records r"
+            "   JOIN event_records p ON p.record = r.record AND p.event_pk < r.event_pk"
+            "   WHERE r.event_pk = d.event_pk AND (SELECT q.state FROM deliveries q"
+            "     WHERE q.hook = d.hook AND q.event_pk = p.event_pk) = 'pending')"
+            f" ORDER BY d.event_pk LIMIT ?{cls._SKIP_LOCKED}"
+        )
+
     def claim_deliveries(
         self, hook: str, owner: str, limit: int, lease_seconds: float, now: float
     ) -> list[Delivery]:
         with self._write() as conn:
             if conn.execute("SELECT 1 FROM hook_state WHERE hook = ?", (hook,)).fetchone():
                 return []
-            # An earlier pending event of this hook sharing a record holds this one back, so
-            # one record's events arrive in order; event_records only keeps rows of events
-            # still pending somewhere, which keeps this check small.
             rows = conn.execute(
-                "SELECT d.event_pk, e.id, e.type, e.payload, d.attempts, d.since"
-                " FROM deliveries d JOIN events e ON e.pk = d.event_pk"
-                " WHERE d.hook = ? AND d.state = 'pending' AND d.next_at <= ?"
-                " AND (d.lease_until IS NULL OR d.lease_until <= ?)"
-                " AND NOT EXISTS (SELECT 1 FROM event_records r"
-                "   JOIN event_records p ON p.record = r.record AND p.event_pk < r.event_pk"
-                "   JOIN deliveries q ON q.event_pk = p.event_pk AND q.hook = d.hook"
-                "   WHERE r.event_pk = d.event_pk AND q.state = 'pending')"
-                f" ORDER BY d.event_pk LIMIT ?{self._SKIP_LOCKED}",
+                self._claim_sql(),
                 (hook, now, now, limit),
             ).fetchall()
             if not rows:
@@ -530,25 +544,32 @@ class SqlStore(ABC):
         error: str,
         now: float,
     ) -> None:
+        self.finish_deliveries(hook, [Attempt(event_pk, state, next_at, error, now)])
+
+    def finish_deliveries(self, hook: str, attempts: Sequence[Attempt]) -> None:
+        if not attempts:
+            return
         with self._write() as conn:
-            conn.execute(
+            conn.executemany(
                 # A finished delivery keeps lease_owner: which worker delivered it.
                 "UPDATE deliveries SET state = ?, attempts = attempts + 1, next_at = ?,"
                 " lease_owner = CASE WHEN ? THEN NULL ELSE lease_owner END,"
                 " lease_until = NULL, last_error = ?, finished_at = ?"
                 " WHERE hook = ? AND event_pk = ?",
-                (
-                    state,
-                    next_at,
-                    state == "pending",
-                    error[:500],
-                    now if state != "pending" else None,
-                    hook,
-                    event_pk,
-                ),
+                [
+                    (
+                        a.state,
+                        a.next_at,
+                        a.state == "pending",
+                        a.error[:500],
+                        a.at if a.state != "pending" else None,
+                        hook,
+                        a.event_pk,
+                    )
+                    for a in attempts
+                ],
             )
-            if state != "pending":
-                self._release_records(conn, [event_pk])
+            self._release_records(conn, [a.event_pk for a in attempts if a.state != "pending"])
 
     @staticmethod
     def _release_records(conn: Connection, event_pks: Iterable[int]) -> None:
