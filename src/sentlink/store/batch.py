@@ -26,6 +26,9 @@ from sentlink.model import Record
 if TYPE_CHECKING:
     from sentlink.store.sql import Connection
 
+# Addresses whose records a batch keeps (see WriteBatch.records).
+MAX_CACHED_ADDRESSES = 200_000
+
 Finish = Callable[[bool], None]  # commit (True) or roll back (False) the open transaction
 
 
@@ -40,17 +43,32 @@ class WriteBatch:
     finish: Finish | None = None  # set while a transaction is open
     writes: int = 0
     started: float = 0.0
-    # records_by_email answers while the transaction is open. With SQLite nobody else can
-    # change records meanwhile (the batch holds the write lock); with PostgreSQL a record
-    # another node commits is seen from the next batch on, at most max_seconds later.
-    # Cleared whenever this thread writes records.
+    transactions: int = 0  # begun so far
+    tuned: bool = False  # the backend's batch settings are on (SqlStore._batch_settings)
+    # records_by_email answers while a transaction is open. With SQLite nobody else can change
+    # records meanwhile (the batch holds the write lock), and the answers carry over to the
+    # batch's next transaction when no other connection committed in between (the backend's
+    # records_version is unchanged): a reconcile then looks each correspondent up once, not
+    # once per transaction. With PostgreSQL (no such version) they are dropped at each begin,
+    # so a record another node commits is seen from the next transaction on, at most
+    # max_seconds later. Cleared whenever this thread writes records or rolls back.
     records: dict[str, list[Record]] = field(default_factory=dict)
+    records_version: object = None
 
-    def begin(self, conn: Connection, finish: Finish) -> None:
+    def begin(self, conn: Connection, finish: Finish, records_version: object = None) -> None:
         self.conn, self.finish = conn, finish
         self.writes = 0
+        self.transactions += 1
         self.started = time.monotonic()
-        self.records.clear()
+        if records_version is None or records_version != self.records_version:
+            self.records.clear()
+        self.records_version = records_version
+
+    def remember(self, email: str, records: list[Record]) -> None:
+        # A bound on memory: a mailbox may have hundreds of thousands of correspondents.
+        if len(self.records) >= MAX_CACHED_ADDRESSES:
+            self.records.clear()
+        self.records[email] = records
 
     def due(self) -> bool:
         return self.writes >= self.max_writes or time.monotonic() - self.started >= self.max_seconds
@@ -58,14 +76,25 @@ class WriteBatch:
     def end(self, commit: bool) -> None:
         """Commit (hooks first) or roll back the open transaction, if any."""
         finish, self.finish, self.conn = self.finish, None, None
-        self.records.clear()
+        if not commit:
+            self.forget_records()
         if finish is None:
             return
-        if commit:
-            try:
+        try:
+            if commit:
                 for hook in self.hooks:
                     hook()
-            except BaseException:
-                finish(False)
-                raise
-        finish(commit)
+        except BaseException:
+            self.forget_records()
+            finish(False)
+            raise
+        try:
+            finish(commit)
+        except BaseException:
+            self.forget_records()  # the commit failed: the transaction is gone
+            raise
+
+    def forget_records(self) -> None:
+        """Drop the cached answers (records written, or rows they came from rolled back)."""
+        self.records.clear()
+        self.records_version = None

@@ -215,6 +215,9 @@ class PostgresStore(SqlStore):
         with self._pg_conn(conn).transaction():
             yield
 
+    def _batch_settings(self, conn: Connection, on: bool, transactions: int) -> None:
+        pass  # the server's own checkpoint settings apply
+
     def _in_transaction(self, conn: Connection) -> bool:
         return self._pg_conn(conn).info.transaction_status == TransactionStatus.INTRANS
 

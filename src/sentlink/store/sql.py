@@ -96,6 +96,16 @@ class SqlStore(ABC):
     def _in_transaction(self, conn: Connection) -> bool:
         """Whether ``conn`` still has a transaction open (errors may abort a whole one)."""
 
+    @abstractmethod
+    def _batch_settings(self, conn: Connection, on: bool, transactions: int) -> None:
+        """Backend settings for a batch's many writes (``on``), and back when it ends after
+        ``transactions`` transactions (store/batch.py)."""
+
+    def _records_version(self, conn: Connection) -> object:
+        """A value that changes whenever another connection may have changed records, read
+        inside a write transaction; None when the backend has none (store/batch.py)."""
+        return None
+
     @contextmanager
     def _read(self) -> Iterator[Connection]:
         """A connection for reads (errors mapped to StoreError); inside a batch it sees the
@@ -121,7 +131,11 @@ class SqlStore(ABC):
                 log.warning("store connection lost: %d batched writes to redo", batch.writes)
                 batch.finish = None
             if batch.finish is None:
-                batch.begin(conn, self._begin(conn))
+                if not batch.tuned:
+                    self._batch_settings(conn, True, 0)
+                    batch.tuned = True
+                finish = self._begin(conn)
+                batch.begin(conn, finish, self._records_version(conn))
             try:
                 with self._savepoint(conn):
                     yield conn
@@ -158,7 +172,11 @@ class SqlStore(ABC):
             # A nested block commits when it ends too: its hook must run before its rows commit.
             try:
                 with self._errors():
-                    batch.end(commit=True)
+                    try:
+                        batch.end(commit=True)
+                    finally:
+                        if outer is None and batch.tuned:
+                            self._batch_settings(self._conn(), False, batch.transactions)
             finally:
                 if before_commit is not None:
                     batch.hooks.remove(before_commit)
@@ -180,7 +198,7 @@ class SqlStore(ABC):
     def _upsert_record(self, conn: Connection, record: Record) -> None:
         batch: WriteBatch | None = getattr(self._local, "batch", None)
         if batch is not None:
-            batch.records.clear()
+            batch.forget_records()
         conn.execute(
             "INSERT INTO records (kind, id, name) VALUES (?, ?, ?)"
             " ON CONFLICT (kind, id) DO UPDATE SET name = excluded.name",
@@ -201,8 +219,8 @@ class SqlStore(ABC):
         if cache is not None and email in cache:
             return list(cache[email])
         records = self._records_by_email(email)
-        if cache is not None:
-            cache[email] = list(records)
+        if batch is not None and cache is not None:
+            batch.remember(email, list(records))
         return records
 
     def _records_by_email(self, email: str) -> list[Record]:
@@ -301,42 +319,43 @@ class SqlStore(ABC):
         unmatched: Sequence[str] = (),
         new_records: Sequence[Record] = (),
     ) -> bool:
+        # The common case, a message and a file never seen, costs two inserts and no lookup:
+        # the unique keys on (account, Message-ID) and (account, uniq) answer "already indexed".
         with self._write() as conn:
-            if conn.execute(
-                "SELECT 1 FROM message_files WHERE account = ? AND uniq = ?",
-                (info.account, info.uniq),
-            ).fetchone():
-                return False
-            if info.message_id:
-                row = conn.execute(
+            row = conn.execute(
+                "INSERT INTO messages"
+                " (account, message_id, direction, subject, date, private, indexed_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (account, message_id) WHERE message_id <> '' DO NOTHING"
+                " RETURNING pk",
+                (
+                    info.account,
+                    info.message_id,
+                    info.direction,
+                    info.subject,
+                    info.date,
+                    int(info.private),
+                    datetime.now(UTC).isoformat(timespec="seconds"),
+                ),
+            ).fetchone()
+            if row is None:
+                # Another copy of an indexed message: remember the file (unless this very file
+                # is indexed already), link nothing.
+                (existing,) = conn.execute(
                     # "message_id <> ''" lets the planner use the partial index on Message-IDs.
                     "SELECT pk FROM messages"
                     " WHERE account = ? AND message_id = ? AND message_id <> ''",
                     (info.account, info.message_id),
                 ).fetchone()
-                if row is not None:
-                    # Another copy of an indexed message: remember the file, link nothing.
-                    self._insert_file(conn, info, int(row[0]))
-                    return False
+                self._insert_file(conn, info, int(existing))
+                return False
+            pk = int(row[0])
+            if not self._insert_file(conn, info, pk):
+                # The file is indexed already (under another Message-ID, or none): undo the row.
+                conn.execute("DELETE FROM messages WHERE pk = ?", (pk,))
+                return False
             for record in new_records:
                 self._upsert_record(conn, record)
-            pk = int(
-                conn.execute(
-                    "INSERT INTO messages"
-                    " (account, message_id, direction, subject, date, private, indexed_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING pk",
-                    (
-                        info.account,
-                        info.message_id,
-                        info.direction,
-                        info.subject,
-                        info.date,
-                        int(info.private),
-                        datetime.now(UTC).isoformat(timespec="seconds"),
-                    ),
-                ).fetchone()[0]
-            )
-            self._insert_file(conn, info, pk)
             if links:
                 conn.executemany(
                     "INSERT INTO links (message_pk, kind, record_id, email, role, via)"
@@ -354,11 +373,15 @@ class SqlStore(ABC):
             return True
 
     @staticmethod
-    def _insert_file(conn: Connection, info: MessageInfo, pk: int) -> None:
-        conn.execute(
-            "INSERT INTO message_files (account, uniq, message_pk, folder, file)"
-            " VALUES (?, ?, ?, ?, ?)",
-            (info.account, info.uniq, pk, info.folder, info.file),
+    def _insert_file(conn: Connection, info: MessageInfo, pk: int) -> bool:
+        """Index the file as one of message ``pk``; False when its unique name already is."""
+        return (
+            conn.execute(
+                "INSERT INTO message_files (account, uniq, message_pk, folder, file)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (account, uniq) DO NOTHING",
+                (info.account, info.uniq, pk, info.folder, info.file),
+            ).rowcount
+            > 0
         )
 
     @staticmethod
