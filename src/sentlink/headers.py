@@ -41,6 +41,11 @@ class HeaderBlock:
             index.setdefault(field.lower(), []).append(value)
         return index
 
+    def __getstate__(self) -> dict[str, object]:
+        # Sent to the reconcile's main process from a worker (watch/prepare.py): the index is
+        # rebuilt there on first use rather than shipped twice the data.
+        return {"fields": self.fields, "truncated": self.truncated}
+
     def get_all(self, name: str) -> list[str]:
         return list(self._by_name.get(name.lower(), ()))
 

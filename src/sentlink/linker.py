@@ -28,7 +28,7 @@ import hashlib
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC
 from email.errors import HeaderParseError
 from email.header import decode_header, make_header
@@ -85,21 +85,33 @@ class LinkResult:
     new_records: tuple[Record, ...] = ()  # leads created for them (crm.unmatched: create-lead)
 
 
-class Linker:
-    """Links message files of the configured accounts to CRM records in ``store``."""
+@dataclass(frozen=True)
+class Draft:
+    """What the headers and the configuration alone say about a message: everything of a plan
+    but the record lookups. Computed without the store, so a reconcile can compute it in a
+    worker process (watch/prepare.py)."""
 
-    def __init__(self, store: Store, config: Config) -> None:
-        self._store = store
+    message_id: str
+    subject: str
+    date: str
+    refs: tuple[str, ...]
+    private: bool
+    participants: tuple[Participant, ...] = ()  # none when private or ambiguous
+    ambiguous: str = ""  # why an address field could not be read, "" when all could
+    skip: str = ""  # no-participants, internal-only or never-log: nothing to look up
+    candidates: tuple[Participant, ...] = ()  # participants that may be linked
+
+
+class LinkFilter:
+    """The configured linking rules that need no store: participants, exclusions, privacy."""
+
+    def __init__(self, config: Config) -> None:
         # Each participant's forms are needed three to five times per message.
         self._forms_cache: dict[str, tuple[str, ...]] = {}
         crm = config.crm
         self._strip_plus = crm.strip_plus_tags
-        self._contact_first = crm.multiple_match == "contact-first"
         self._private_header = crm.private.header
         self._private_tag = crm.private.subject_tag.casefold()
-        self._max_header_bytes = (
-            config.milter.max_header_bytes if config.milter else DEFAULT_MAX_HEADER_BYTES
-        )
         self._internal = frozenset(_domain_or_none(d) or d.lower() for d in config.internal_domains)
         never_addresses: set[str] = set()
         never_domains: set[str] = set()
@@ -107,18 +119,135 @@ class Linker:
             if entry.startswith("@"):
                 never_domains.add(_domain_or_none(entry[1:]) or entry[1:].lower())
             else:
-                never_addresses.update(self._forms(entry))
+                never_addresses.update(self.forms(entry))
         self._never_addresses = frozenset(never_addresses)
         self._never_domains = frozenset(never_domains)
+        self._own = {
+            account.name: frozenset(f for a in account.addresses for f in self.forms(a))
+            for account in config.accounts
+        }
+
+    def __getstate__(self) -> dict[str, object]:
+        # Sent to a worker process (watch/prepare.py): the cache starts empty there.
+        return {**self.__dict__, "_forms_cache": {}}
+
+    def own(self, account: str) -> frozenset[str]:
+        """The account's own addresses, in every normalized form."""
+        return self._own.get(account, frozenset())
+
+    def draft(self, account: str, headers: HeaderBlock, direction: Direction) -> Draft:
+        """The store-free part of :meth:`Linker.plan` (no side effects, no logging)."""
+        message_id = _message_id(headers.get("Message-ID"))
+        subject = _decode_words(headers.get("Subject"))
+        private = self._is_private(headers, subject)
+        date, refs = _iso_date(headers.get("Date")), _references(headers)
+        if private:
+            return Draft(message_id, subject, date, refs, private)
+        try:
+            participants = tuple(self._participants(headers, direction))
+        except AmbiguousAddressError as exc:
+            return Draft(message_id, subject, date, refs, private, ambiguous=str(exc))
+        own = self.own(account)
+        external = [p for p in participants if not self.is_internal(p.email, own)]
+        candidates = tuple(p for p in external if not self.is_never_log(p.email))
+        skip = (
+            "no-participants"
+            if not participants
+            else "internal-only"
+            if not external
+            else "never-log"
+            if not candidates
+            else ""
+        )
+        return Draft(message_id, subject, date, refs, private, participants, "", skip, candidates)
+
+    def _participants(self, headers: HeaderBlock, direction: Direction) -> list[Participant]:
+        participants: list[Participant] = []
+        seen: set[str] = set()
+        for role, field in _ROLE_FIELDS[direction]:
+            for value in headers.get_all(field):
+                try:
+                    mailboxes = parse_mailboxes(value)
+                    emails = [(name, normalize_address(addr)) for name, addr in mailboxes]
+                except AmbiguousAddressError as exc:
+                    raise AmbiguousAddressError(f"{field}: {exc}") from None
+                for name, email in emails:
+                    if email not in seen:
+                        seen.add(email)
+                        participants.append(Participant(email, role, name))
+        return participants
+
+    def _is_private(self, headers: HeaderBlock, subject: str) -> bool:
+        if self._private_header:
+            for value in headers.get_all(self._private_header):
+                if value.strip().lower() not in _FALSE_WORDS:
+                    return True
+        return bool(self._private_tag) and self._private_tag in subject.casefold()
+
+    def forms(self, addr: str) -> tuple[str, ...]:
+        """The normalized address, and its ``+tag``-stripped form when configured."""
+        forms = self._forms_cache.get(addr)
+        if forms is None:
+            if len(self._forms_cache) >= _FORMS_CACHE_SIZE:
+                self._forms_cache.clear()
+            forms = self._forms_cache[addr] = self._compute_forms(addr)
+        return forms
+
+    def _compute_forms(self, addr: str) -> tuple[str, ...]:
+        try:
+            full = normalize_address(addr)
+        except AmbiguousAddressError:
+            return ()
+        if not self._strip_plus:
+            return (full,)
+        stripped = normalize_address(full, strip_plus=True)
+        return (full,) if stripped == full else (full, stripped)
+
+    def is_internal(self, email: str, own: frozenset[str]) -> bool:
+        if any(f in own for f in self.forms(email)):
+            return True
+        return _in_domains(address_domain(email), self._internal)
+
+    def is_never_log(self, email: str) -> bool:
+        if any(f in self._never_addresses for f in self.forms(email)):
+            return True
+        return _in_domains(address_domain(email), self._never_domains)
+
+    def excluded(self, email: str, own: frozenset[str]) -> bool:
+        return self.is_internal(email, own) or self.is_never_log(email)
+
+    def exclusion(self, email: str) -> str:
+        """Why an address is never linked in any account, or "" (``sentlink match``)."""
+        for account, own in self._own.items():
+            if any(f in own for f in self.forms(email)):
+                return f"an address of account {account}"
+        if _in_domains(address_domain(email), self._internal):
+            return "internal domain"
+        if self.is_never_log(email):
+            return "crm.never_log"
+        return ""
+
+
+class Linker:
+    """Links message files of the configured accounts to CRM records in ``store``."""
+
+    def __init__(self, store: Store, config: Config) -> None:
+        self._store = store
+        self._filter = LinkFilter(config)
+        crm = config.crm
+        self._contact_first = crm.multiple_match == "contact-first"
+        self._max_header_bytes = (
+            config.milter.max_header_bytes if config.milter else DEFAULT_MAX_HEADER_BYTES
+        )
         self._unmatched = crm.unmatched
         # Hooks subscribed to each event type; no hook, no outbox rows (and no extra work).
         self._subscribers = {
             kind: tuple(h.name for h in config.hooks if kind in h.events) for kind in EVENT_TYPES
         }
-        self._own = {
-            account.name: frozenset(f for a in account.addresses for f in self._forms(a))
-            for account in config.accounts
-        }
+
+    @property
+    def filter(self) -> LinkFilter:
+        return self._filter
 
     # entry point
 
@@ -217,24 +346,25 @@ class Linker:
         file: str,
         headers: HeaderBlock,
         direction: Direction,
+        draft: Draft | None = None,
     ) -> tuple[MessageInfo, list[Link], LinkResult]:
-        """What to store for a message: its row, its links and the outcome (no side effects)."""
-        message_id = _message_id(headers.get("Message-ID"))
-        subject = _decode_words(headers.get("Subject"))
-        private = self._is_private(headers, subject)
-        refs = _references(headers)
-        base = MessageInfo(
+        """What to store for a message: its row, its links and the outcome (no side effects).
+        ``draft`` is what ``LinkFilter.draft`` gives for these headers, when computed already."""
+        if draft is None:
+            draft = self._filter.draft(account.name, headers, direction)
+        message_id = draft.message_id
+        info = MessageInfo(
             account=account.name,
             folder=folder,
             uniq=uniq,
             file=file,
             direction=direction,
             message_id=message_id,
-            subject=subject,
-            date=_iso_date(headers.get("Date")),
-            participants=(),
-            in_reply_to=refs,
-            private=private,
+            subject=draft.subject,
+            date=draft.date,
+            participants=draft.participants,
+            in_reply_to=draft.refs,
+            private=draft.private,
         )
 
         def outcome(
@@ -248,34 +378,27 @@ class Linker:
                 status, reason, len(links), message_id, tuple(unmatched), tuple(new_records)
             )
 
-        if private:
-            return base, [], outcome("skipped", "private")
-        try:
-            participants = self._participants(headers, direction)
-        except AmbiguousAddressError as exc:
+        if draft.private:
+            return info, [], outcome("skipped", "private")
+        if draft.ambiguous:
             log.warning(
                 "account=%s message_id=%s file=%s ambiguous address, linking nothing: %s",
                 account.name,
                 message_id,
                 file,
-                exc,
+                draft.ambiguous,
             )
-            return base, [], outcome("ambiguous", str(exc))
-        info = replace(base, participants=tuple(participants))
-        if not participants:
-            return info, [], outcome("skipped", "no-participants")
-        own = self._own.get(account.name, frozenset())
-        external = [p for p in participants if not self._is_internal(p.email, own)]
-        if not external:
-            return info, [], outcome("skipped", "internal-only")
-        candidates = [p for p in external if not self._is_never_log(p.email)]
-        if not candidates:
-            return info, [], outcome("skipped", "never-log")
+            return info, [], outcome("ambiguous", draft.ambiguous)
+        if draft.skip:
+            return info, [], outcome("skipped", draft.skip)
+        participants = draft.participants
+        own = self._filter.own(account.name)
+        refs = draft.refs
 
         links: list[Link] = []
         linked: set[tuple[str, str]] = set()
         unmatched: list[Participant] = []
-        for participant in candidates:
+        for participant in draft.candidates:
             records = self._match(participant.email)
             if not records:
                 unmatched.append(participant)
@@ -286,13 +409,14 @@ class Linker:
                         self._link(info, record, participant.email, participant.role, "address")
                     )
         if refs:
-            participant_emails = {f for p in participants for f in self._forms(p.email)}
+            forms = self._filter.forms
+            participant_emails = {f for p in participants for f in forms(p.email)}
             for record in self._store.linked_records_for_message_ids(account.name, refs):
                 if (record.kind, record.id) in linked:
                     continue
                 if any(e in participant_emails for e in record.emails):
                     continue
-                email = next((e for e in record.emails if not self._excluded(e, own)), None)
+                email = next((e for e in record.emails if not self._filter.excluded(e, own)), None)
                 if email is None:
                     continue
                 linked.add((record.kind, record.id))
@@ -309,73 +433,15 @@ class Linker:
             return info, [], outcome("skipped", "no-match", (), emails)
         return info, links, outcome("linked", "", links, emails, new_records)
 
-    # participants and filters
-
-    def _participants(self, headers: HeaderBlock, direction: Direction) -> list[Participant]:
-        participants: list[Participant] = []
-        seen: set[str] = set()
-        for role, field in _ROLE_FIELDS[direction]:
-            for value in headers.get_all(field):
-                try:
-                    mailboxes = parse_mailboxes(value)
-                    emails = [(name, normalize_address(addr)) for name, addr in mailboxes]
-                except AmbiguousAddressError as exc:
-                    raise AmbiguousAddressError(f"{field}: {exc}") from None
-                for name, email in emails:
-                    if email not in seen:
-                        seen.add(email)
-                        participants.append(Participant(email, role, name))
-        return participants
-
-    def _is_private(self, headers: HeaderBlock, subject: str) -> bool:
-        if self._private_header:
-            for value in headers.get_all(self._private_header):
-                if value.strip().lower() not in _FALSE_WORDS:
-                    return True
-        return bool(self._private_tag) and self._private_tag in subject.casefold()
-
-    def _forms(self, addr: str) -> tuple[str, ...]:
-        """The normalized address, and its ``+tag``-stripped form when configured."""
-        forms = self._forms_cache.get(addr)
-        if forms is None:
-            if len(self._forms_cache) >= _FORMS_CACHE_SIZE:
-                self._forms_cache.clear()
-            forms = self._forms_cache[addr] = self._compute_forms(addr)
-        return forms
-
-    def _compute_forms(self, addr: str) -> tuple[str, ...]:
-        try:
-            full = normalize_address(addr)
-        except AmbiguousAddressError:
-            return ()
-        if not self._strip_plus:
-            return (full,)
-        stripped = normalize_address(full, strip_plus=True)
-        return (full,) if stripped == full else (full, stripped)
-
-    def _is_internal(self, email: str, own: frozenset[str]) -> bool:
-        if any(f in own for f in self._forms(email)):
-            return True
-        return _in_domains(address_domain(email), self._internal)
-
-    def _is_never_log(self, email: str) -> bool:
-        if any(f in self._never_addresses for f in self._forms(email)):
-            return True
-        return _in_domains(address_domain(email), self._never_domains)
-
     def explain_address(self, email: str) -> tuple[str, list[Record]]:
         """Why an address would (not) be linked, and to which records (``sentlink match``)."""
-        for account, own in self._own.items():
-            if any(f in own for f in self._forms(email)):
-                return f"excluded: an address of account {account}", []
-        if _in_domains(address_domain(email), self._internal):
-            return "excluded: internal domain", []
-        if self._is_never_log(email):
-            return "excluded: crm.never_log", []
+        why = self._filter.exclusion(email)
+        if why:
+            return f"excluded: {why}", []
         records = self._match(email)
         if not records:
             return "no record has this address", []
-        forms = ", ".join(self._forms(email))
+        forms = ", ".join(self._filter.forms(email))
         rule = "contact-first" if self._contact_first else "all"
         return f"address match on {forms} (multiple_match: {rule})", records
 
@@ -383,12 +449,9 @@ class Linker:
         """Records an address links to (normalized forms, ``multiple_match`` applied)."""
         return self._match(email)
 
-    def _excluded(self, email: str, own: frozenset[str]) -> bool:
-        return self._is_internal(email, own) or self._is_never_log(email)
-
     def _match(self, email: str) -> list[Record]:
         found: dict[tuple[str, str], Record] = {}
-        for form in self._forms(email):
+        for form in self._filter.forms(email):
             for record in self._store.records_by_email(form):
                 found.setdefault((record.kind, record.id), record)
         records = list(found.values())

@@ -19,21 +19,24 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from sentlink.config.models import AccountConfig, Config
-from sentlink.errors import ConfigError
-from sentlink.headers import DEFAULT_MAX_HEADER_BYTES, HeaderBlock, read_headers
+from sentlink.config.models import AccountConfig
+from sentlink.headers import HeaderBlock
 from sentlink.linker import Linker, LinkResult
 from sentlink.maildir import find_message, folder_path, move_message, resolve_owner, set_flags
 from sentlink.maildir.moves import sync_dirs
 from sentlink.maildir.names import merge_flags, parse_flags, split_uniq
 from sentlink.model import Direction
 from sentlink.store import Store
-from sentlink.watch.duplicates import Copy, KeepPolicy, body_hash, resolve
+from sentlink.watch.duplicates import Copy, body_hash, resolve
 from sentlink.watch.known import KnownFile, KnownFiles
-from sentlink.watch.rules import Decision, MessageFacts, RuleSet, own_addresses, self_sent_reason
+from sentlink.watch.policy import WatchPolicy
+from sentlink.watch.prepare import Prepared, Preparer, direction_of
+from sentlink.watch.rules import Decision, MessageFacts
+
+__all__ = ["MessageHandler", "Outcome", "Plan", "WatchPolicy", "direction_of", "relative"]
 
 log = logging.getLogger("sentlink.watch")
 
@@ -42,31 +45,6 @@ log = logging.getLogger("sentlink.watch")
 # lock is held and how much a crash makes the next rescan redo.
 BATCH_WRITES = 500
 BATCH_SECONDS = 0.5
-
-
-@dataclass(frozen=True)
-class WatchPolicy:
-    """The watcher's settings, checked once at start."""
-
-    rules: RuleSet = field(default_factory=RuleSet)
-    self_sent_require: str = "none"
-    keep: KeepPolicy = "client"
-    secret: bytes | None = None
-    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
-
-    @classmethod
-    def from_config(cls, config: Config, secret: bytes | None) -> WatchPolicy:
-        if config.self_sent.require == "dkim":
-            raise ConfigError(["self_sent.require: dkim is not supported yet (use none or trace)"])
-        return cls(
-            rules=RuleSet.compile(config.watch.rules),
-            self_sent_require=config.self_sent.require,
-            keep=config.duplicates.keep,
-            secret=secret,
-            max_header_bytes=(
-                config.milter.max_header_bytes if config.milter else DEFAULT_MAX_HEADER_BYTES
-            ),
-        )
 
 
 @dataclass(frozen=True)
@@ -108,10 +86,6 @@ class Plan:
         }
 
 
-def direction_of(account: AccountConfig, folder: str) -> Direction:
-    return "sent" if folder == account.sent_folder else "received"
-
-
 def relative(path: Path, root: Path) -> str:
     # String prefix first: pathlib's relative_to costs more than the rest of indexing a file.
     text, prefix = str(path), str(root) + "/"
@@ -133,7 +107,7 @@ class MessageHandler:
         self._linker = linker
         self._policy = policy
         self._known = known
-        self._own: dict[str, frozenset[str]] = {}
+        self._preparer = Preparer(policy, linker.filter)
         # Rows of duplicate copies we deleted, forgotten in one store call per folder.
         self._forget: dict[tuple[str, str], set[str]] = {}
         # Inside batch(): directories our renames changed, fsynced once before each commit.
@@ -170,34 +144,19 @@ class MessageHandler:
             self._unsynced.clear()
             sync_dirs(dirs)
 
-    def _own_of(self, account: AccountConfig) -> frozenset[str]:
-        if account.name not in self._own:
-            self._own[account.name] = own_addresses(account)
-        return self._own[account.name]
+    @property
+    def preparer(self) -> Preparer:
+        """What reads and judges files for this handler (picklable: see watch/prepare.py)."""
+        return self._preparer
 
     def decide(
         self, account: AccountConfig, folder: str, headers: HeaderBlock
     ) -> tuple[Decision, MessageFacts]:
-        facts = MessageFacts(headers, self._policy.secret)
-        decision = self._policy.rules.decide(facts)
-        if decision.move is None and folder.upper() == "INBOX":
-            why = self_sent_reason(
-                facts, account.name, self._own_of(account), self._policy.self_sent_require
-            )
-            if why is not None:
-                decision = replace(
-                    decision,
-                    move=account.sent_folder,
-                    flags=merge_flags(decision.flags, "S"),
-                    reasons=(*decision.reasons, why),
-                )
-        if decision.move is not None and decision.move == folder:
-            decision = replace(decision, move=None)
-        return decision, facts
+        return self._preparer.decide(account, folder, headers)
 
     def explain(self, account: AccountConfig, folder: str, path: Path) -> Plan:
         """What :meth:`handle` would do with ``path``, changing nothing."""
-        headers = read_headers(path, self._policy.max_header_bytes)
+        headers = self._preparer.read(path)
         decision, _facts = self.decide(account, folder, headers)
         target = decision.move or folder
         _info, _links, result = self._linker.plan(
@@ -212,11 +171,15 @@ class MessageHandler:
             direction_of(account, target),
         )
 
-    def handle(self, account: AccountConfig, folder: str, path: Path) -> Outcome:
-        """Handle one file not yet indexed. Raises FileNotFoundError when it vanished, and
+    def handle(
+        self, account: AccountConfig, folder: str, path: Path, prepared: Prepared | None = None
+    ) -> Outcome:
+        """Handle one file not yet indexed; ``prepared`` is what ``Preparer.prepare`` gave for
+        it, when a worker read it already. Raises FileNotFoundError when it vanished, and
         StoreError/CaptureError/OSError on failures (the caller logs; the rescan retries)."""
-        headers = read_headers(path, self._policy.max_header_bytes)
-        decision, facts = self.decide(account, folder, headers)
+        if prepared is None:
+            prepared = self._preparer.prepare(account, folder, path)
+        headers, decision, facts = prepared.headers, prepared.decision, prepared.facts
         moved = False
         if decision.move is not None:
             owner = resolve_owner(account.owner)
@@ -237,7 +200,13 @@ class MessageHandler:
         direction = direction_of(account, folder)
         uniq = split_uniq(path.name)
         info, links, result = self._linker.plan(
-            account, folder, uniq, relative(path, account.maildir), headers, direction
+            account,
+            folder,
+            uniq,
+            relative(path, account.maildir),
+            headers,
+            direction,
+            prepared.draft,
         )
         if not decision.link and links:
             links = []
@@ -342,7 +311,7 @@ class MessageHandler:
 
     def _is_ours(self, account: AccountConfig, path: Path) -> bool:
         try:
-            headers = read_headers(path, self._policy.max_header_bytes)
+            headers = self._preparer.read(path)
         except OSError:
             return False
         return MessageFacts(headers, self._policy.secret).trace_account == account.name

@@ -17,6 +17,7 @@ from sentlink.store import Store
 from sentlink.watch.handler import MessageHandler, Plan, WatchPolicy
 from sentlink.watch.known import known_files_for
 from sentlink.watch.scan import (
+    PARALLEL_FROM,
     FolderRef,
     ScanSummary,
     pending_by_folder,
@@ -80,8 +81,13 @@ class Reconcile:
         self,
         pending: dict[FolderRef, list[Path]],
         progress: Callable[[int], None] | None = None,
+        parallel_from: int = PARALLEL_FROM,
     ) -> ScanSummary:
-        return scan_folders(self.refs, self._store, self._linker, progress, self._handler, pending)
+        """Handle the ``pending`` files; a folder with ``parallel_from`` of them or more is
+        prepared in a worker process (watch/scan.py)."""
+        return scan_folders(
+            self.refs, self._store, self._linker, progress, self._handler, pending, parallel_from
+        )
 
     def explain(self, pending: dict[FolderRef, list[Path]]) -> Iterator[Plan | Unreadable]:
         """What ``run`` would do with each file, changing nothing."""

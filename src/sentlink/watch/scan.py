@@ -7,9 +7,11 @@ the store has indexed for it: no message file is opened (``watch.known``).
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,15 +24,22 @@ from sentlink.model import Direction
 from sentlink.store import Store
 from sentlink.watch.handler import MessageHandler, Outcome, WatchPolicy, relative
 from sentlink.watch.known import KnownFiles, known_files_for
+from sentlink.watch.prepare import Prepared, Preparer, prepare_chunk
 
 log = logging.getLogger("sentlink.watch")
 
-# Read-ahead during a scan (see _read_ahead): files in flight, files per pool job, bytes per
-# file (what the header reader's first read asks for), threads.
-_READ_AHEAD = 256
-_READ_AHEAD_CHUNK = 64
+# A folder with at least this many new files has them read and judged in a worker process
+# (watch/prepare.py, _pipeline): below it, starting the process costs more than it saves.
+PARALLEL_FROM = 2000
+# Files per worker job, and jobs in flight ahead of the file being handled.
+_CHUNK = 256
+_PREPARE_AHEAD = 3
+# Read-ahead (see _warm): chunks in flight ahead of the file being handled, files per reader
+# job, bytes per file (what the header reader's first read asks for), threads.
+_WARM_AHEAD = 5
+_WARM_JOB = 32
 _READ_AHEAD_BYTES = 16384
-_READ_AHEAD_THREADS = 1
+_READ_AHEAD_THREADS = 4
 
 
 @dataclass(frozen=True)
@@ -127,10 +136,12 @@ def needs_linking(store: Store, ref: FolderRef, path: Path, record_moves: bool =
     return False
 
 
-def handle_one(handler: MessageHandler, ref: FolderRef, path: Path) -> Outcome:
+def handle_one(
+    handler: MessageHandler, ref: FolderRef, path: Path, prepared: Prepared | None = None
+) -> Outcome:
     """Handle one file; a failure is logged and reported, never raised (the rescan retries)."""
     try:
-        return handler.handle(ref.account, ref.folder, path)
+        return handler.handle(ref.account, ref.folder, path, prepared)
     except FileNotFoundError:
         # A client renamed it (flag change) or moved it away meanwhile: the rescan sees it again.
         return Outcome("vanished", ref.folder)
@@ -187,16 +198,19 @@ def scan_folders(
     progress: Callable[[int], None] | None = None,
     handler: MessageHandler | None = None,
     pending: dict[FolderRef, list[Path]] | None = None,
+    parallel_from: int = PARALLEL_FROM,
 ) -> ScanSummary:
     """Handle every message not yet in the store. ``progress`` is called once per new file;
-    ``pending`` is what :func:`pending_by_folder` found, when the caller listed already."""
+    ``pending`` is what :func:`pending_by_folder` found, when the caller listed already. A
+    folder with ``parallel_from`` new files or more is prepared in a worker process."""
     if handler is None:
         with default_handler(store, linker) as made:
-            return scan_folders(refs, store, linker, progress, made, pending)
+            return scan_folders(refs, store, linker, progress, made, pending, parallel_from)
     summary = ScanSummary()
     with (
         handler.batch(),
         ThreadPoolExecutor(_READ_AHEAD_THREADS, thread_name_prefix="sentlink-readahead") as pool,
+        _Workers() as workers,
     ):
         try:
             for ref in refs:
@@ -205,9 +219,11 @@ def scan_folders(
                     if pending is not None
                     else pending_files(store, ref, handler.known)
                 )
-                for path in _read_ahead(pool, paths):
+                parallel = len(paths) >= parallel_from
+                steps = _pipeline(pool, workers if parallel else None, handler.preparer, ref, paths)
+                for path, prepared in steps:
                     summary.seen += 1
-                    summary.add_outcome(handle_one(handler, ref, path))
+                    summary.add_outcome(handle_one(handler, ref, path, prepared))
                     if progress is not None:
                         progress(1)
         finally:
@@ -215,23 +231,92 @@ def scan_folders(
     return summary
 
 
-def _read_ahead(pool: Executor, paths: Sequence[Path]) -> Iterator[Path]:
-    """``paths`` in order, while the pool reads the files a little further on.
+class _Workers:
+    """The worker process that prepares files, started on first use; none on one CPU."""
 
-    With a cold cache each file costs disk reads (its inode, then its first block) that
-    parsing would otherwise wait for; threads blocked in os.open/os.read do not hold the GIL,
-    so that waiting overlaps the parsing of earlier files. With a warm cache it costs a second
-    read from memory. Only the page cache is filled: nothing read here is used or kept.
+    def __init__(self) -> None:
+        self._pool: ProcessPoolExecutor | None = None
+        self.failed = False
+
+    def __enter__(self) -> _Workers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            # Not waiting for the process to exit: the caller has its results, and whoever
+            # waits for the scan (a log line, the next event) should not wait for that too.
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def submit(
+        self, preparer: Preparer, ref: FolderRef, paths: Sequence[Path]
+    ) -> Future[list[Prepared | None]] | None:
+        """The job preparing ``paths``, or None when there is no worker (the main process then
+        prepares each file itself)."""
+        if self.failed:
+            return None
+        try:
+            if self._pool is None:
+                if len(os.sched_getaffinity(0)) < 2:
+                    self.failed = True  # one CPU: a second process would only take turns
+                    return None
+                # spawn, not fork: the watcher has threads (watchdog, metrics) a fork would copy
+                # in whatever state they are in.
+                self._pool = ProcessPoolExecutor(1, multiprocessing.get_context("spawn"))
+            return self._pool.submit(prepare_chunk, preparer, ref.account, ref.folder, paths)
+        except Exception as exc:  # cannot start or reach the worker: work without it
+            log.warning("preparing files in a worker process failed: %s", exc)
+            self.failed = True
+            return None
+
+    def results(
+        self, job: Future[list[Prepared | None]] | None, count: int
+    ) -> Sequence[Prepared | None]:
+        if job is None:
+            return [None] * count
+        try:
+            return job.result()
+        except Exception as exc:  # the worker died: the main process prepares the files
+            if not self.failed:
+                log.warning("preparing files in a worker process failed: %s", exc)
+            self.failed = True
+            return [None] * count
+
+
+def _pipeline(
+    readers: Executor,
+    workers: _Workers | None,
+    preparer: Preparer,
+    ref: FolderRef,
+    paths: Sequence[Path],
+) -> Iterator[tuple[Path, Prepared | None]]:
+    """``paths`` in order, each with what the worker prepared for it (None: not prepared).
+
+    The worker runs a few chunks ahead of the file being handled, and the reader threads a few
+    chunks ahead of the worker: with a cold cache each file costs disk reads (its inode, then
+    its first block) that would otherwise stall whoever reads it first. Threads blocked in
+    os.open/os.read do not hold the GIL, so that waiting overlaps the parsing of earlier files.
     """
-    submitted = 0
-    for index, path in enumerate(paths):
-        while submitted < len(paths) and submitted < index + _READ_AHEAD:
-            pool.submit(_warm, paths[submitted : submitted + _READ_AHEAD_CHUNK])
-            submitted += _READ_AHEAD_CHUNK
-        yield path
+    chunks = [paths[i : i + _CHUNK] for i in range(0, len(paths), _CHUNK)]
+    jobs: deque[Future[list[Prepared | None]] | None] = deque()
+    warmed = submitted = 0
+    for index, chunk in enumerate(chunks):
+        while warmed < len(chunks) and warmed <= index + _WARM_AHEAD:
+            ahead = chunks[warmed]
+            for start in range(0, len(ahead), _WARM_JOB):
+                readers.submit(_warm, ahead[start : start + _WARM_JOB])
+            warmed += 1
+        if workers is None:
+            yield from ((path, None) for path in chunk)
+            continue
+        while submitted < len(chunks) and submitted <= index + _PREPARE_AHEAD:
+            jobs.append(workers.submit(preparer, ref, chunks[submitted]))
+            submitted += 1
+        yield from zip(chunk, workers.results(jobs.popleft(), len(chunk)), strict=True)
 
 
 def _warm(paths: Sequence[Path]) -> None:
+    """Fill the page cache with the start of each file; nothing read here is used or kept."""
     for path in paths:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)

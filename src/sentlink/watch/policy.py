@@ -1,0 +1,36 @@
+"""The watcher's settings, checked once at start."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sentlink.config.models import Config
+from sentlink.errors import ConfigError
+from sentlink.headers import DEFAULT_MAX_HEADER_BYTES
+from sentlink.watch.duplicates import KeepPolicy
+from sentlink.watch.rules import RuleSet
+
+
+@dataclass(frozen=True)
+class WatchPolicy:
+    """The watcher's settings, checked once at start."""
+
+    rules: RuleSet = field(default_factory=RuleSet)
+    self_sent_require: str = "none"
+    keep: KeepPolicy = "client"
+    secret: bytes | None = None
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+
+    @classmethod
+    def from_config(cls, config: Config, secret: bytes | None) -> WatchPolicy:
+        if config.self_sent.require == "dkim":
+            raise ConfigError(["self_sent.require: dkim is not supported yet (use none or trace)"])
+        return cls(
+            rules=RuleSet.compile(config.watch.rules),
+            self_sent_require=config.self_sent.require,
+            keep=config.duplicates.keep,
+            secret=secret,
+            max_header_bytes=(
+                config.milter.max_header_bytes if config.milter else DEFAULT_MAX_HEADER_BYTES
+            ),
+        )

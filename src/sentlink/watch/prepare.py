@@ -1,0 +1,104 @@
+"""The part of handling a message file that needs neither the store nor the disk beyond reading
+the file: its header section, the rules' decision and the linker's draft.
+
+A reconcile of many files computes this in a worker process, a chunk of files ahead of the main
+process, which carries out moves and writes the store (watch/scan.py): on two cores the parsing
+then overlaps the store work instead of adding to it. Single files (events) are prepared in the
+watcher's thread, through the same code, so both paths decide alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from sentlink.config.models import AccountConfig
+from sentlink.headers import HeaderBlock, read_headers
+from sentlink.linker import Draft, LinkFilter
+from sentlink.maildir.names import merge_flags
+from sentlink.model import Direction
+from sentlink.watch.policy import WatchPolicy
+from sentlink.watch.rules import Decision, MessageFacts, own_addresses, self_sent_reason
+
+
+def direction_of(account: AccountConfig, folder: str) -> Direction:
+    return "sent" if folder == account.sent_folder else "received"
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A message file read and judged: what the rules decided, and the linker's draft for the
+    folder the message ends up in."""
+
+    headers: HeaderBlock
+    decision: Decision
+    facts: MessageFacts
+    draft: Draft
+
+
+class Preparer:
+    """Reads and judges message files; holds configuration only, so it can be sent to a worker
+    process (its caches are rebuilt there)."""
+
+    def __init__(self, policy: WatchPolicy, link_filter: LinkFilter) -> None:
+        self._policy = policy
+        self._filter = link_filter
+        self._own: dict[str, frozenset[str]] = {}
+
+    def __getstate__(self) -> dict[str, object]:
+        return {"_policy": self._policy, "_filter": self._filter, "_own": {}}
+
+    def read(self, path: Path) -> HeaderBlock:
+        return read_headers(path, self._policy.max_header_bytes)
+
+    def prepare(self, account: AccountConfig, folder: str, path: Path) -> Prepared:
+        """Read and judge ``path`` in ``folder``. Raises OSError (FileNotFoundError when it
+        vanished) like reading it does."""
+        headers = self.read(path)
+        decision, facts = self.decide(account, folder, headers)
+        target = decision.move or folder
+        draft = self._filter.draft(account.name, headers, direction_of(account, target))
+        return Prepared(headers, decision, facts, draft)
+
+    def decide(
+        self, account: AccountConfig, folder: str, headers: HeaderBlock
+    ) -> tuple[Decision, MessageFacts]:
+        """User rules, then in INBOX the built-in self-sent rule."""
+        policy = self._policy
+        facts = MessageFacts(headers, policy.secret)
+        decision = policy.rules.decide(facts)
+        if decision.move is None and folder.upper() == "INBOX":
+            why = self_sent_reason(
+                facts, account.name, self._own_of(account), policy.self_sent_require
+            )
+            if why is not None:
+                decision = replace(
+                    decision,
+                    move=account.sent_folder,
+                    flags=merge_flags(decision.flags, "S"),
+                    reasons=(*decision.reasons, why),
+                )
+        if decision.move is not None and decision.move == folder:
+            decision = replace(decision, move=None)
+        return decision, facts
+
+    def _own_of(self, account: AccountConfig) -> frozenset[str]:
+        own = self._own.get(account.name)
+        if own is None:
+            own = self._own[account.name] = own_addresses(account)
+        return own
+
+
+def prepare_chunk(
+    preparer: Preparer, account: AccountConfig, folder: str, paths: Sequence[Path]
+) -> list[Prepared | None]:
+    """``Preparer.prepare`` for each path, in a worker process. A file that fails gives None:
+    the main process then handles it from the start itself, and reports what goes wrong."""
+    prepared: list[Prepared | None] = []
+    for path in paths:
+        try:
+            prepared.append(preparer.prepare(account, folder, path))
+        except Exception:
+            prepared.append(None)
+    return prepared
