@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from sentlink.errors import CaptureError
-from sentlink.maildir.folders import open_folder
+from sentlink.maildir.cache import FolderCache, lease_folder
 from sentlink.maildir.names import (
     INFO_SEPARATOR,
     merge_flags,
@@ -40,6 +40,7 @@ def move_message(
     owner: Owner,
     add_flags: str = "",
     unsynced: set[Path] | None = None,
+    folders: FolderCache | None = None,
 ) -> Path:
     """Move a message file into ``dest_folder``'s ``cur/``, keeping its unique name.
 
@@ -50,10 +51,12 @@ def move_message(
     Both directories are fsynced so the rename survives a crash; with ``unsynced`` given they
     are added to it instead, for one :func:`sync_dirs` over many moves. The rename is atomic
     either way (the message is in exactly one folder); until the sync a crash may undo it.
+    With ``folders`` given, the destination's checked descriptors come from (and stay in) it.
     """
     normalize_flags(add_flags)  # invalid flags are a caller's bug: fail before touching anything
     uniq = split_uniq(src.name)
-    dest = open_folder(dest_root, dest_folder, owner)
+    lease = lease_folder(dest_root, dest_folder, owner, folders)
+    dest = lease.folder
     try:
         current = src
         for _ in range(_ATTEMPTS):
@@ -78,7 +81,7 @@ def move_message(
             return dest.path / "cur" / name
         raise CaptureError("io", f"{src}: renamed by others {_ATTEMPTS} times while moving it")
     finally:
-        dest.close()
+        lease.close()
 
 
 def sync_dirs(paths: Iterable[Path]) -> None:

@@ -26,6 +26,7 @@ from sentlink.config.models import AccountConfig
 from sentlink.headers import HeaderBlock
 from sentlink.linker import Linker, LinkResult
 from sentlink.maildir import find_message, folder_path, move_message, resolve_owner, set_flags
+from sentlink.maildir.cache import FolderCache
 from sentlink.maildir.moves import sync_dirs
 from sentlink.maildir.names import merge_flags, parse_flags, split_uniq
 from sentlink.model import Direction
@@ -110,8 +111,10 @@ class MessageHandler:
         self._preparer = Preparer(policy, linker.filter)
         # Rows of duplicate copies we deleted, forgotten in one store call per folder.
         self._forget: dict[tuple[str, str], set[str]] = {}
-        # Inside batch(): directories our renames changed, fsynced once before each commit.
+        # Inside batch(): directories our renames changed, fsynced once before each commit, and
+        # the checked target folders of moves, kept open until the batch ends.
         self._unsynced: set[Path] | None = None
+        self._folders: FolderCache | None = None
 
     @property
     def known(self) -> KnownFiles:
@@ -130,13 +133,19 @@ class MessageHandler:
         outer = self._unsynced
         if outer is None:
             self._unsynced = set()
+            self._folders = FolderCache()
         try:
             with self._store.batch(BATCH_WRITES, BATCH_SECONDS, self._sync_moves):
                 yield
         finally:
             if outer is None:
-                self._sync_moves()  # also when the commit failed: the renames are done
-                self._unsynced = None
+                try:
+                    self._sync_moves()  # also when the commit failed: the renames are done
+                finally:
+                    self._unsynced = None
+                    if self._folders is not None:
+                        self._folders.close()
+                        self._folders = None
 
     def _sync_moves(self) -> None:
         if self._unsynced:
@@ -184,7 +193,13 @@ class MessageHandler:
         if decision.move is not None:
             owner = resolve_owner(account.owner)
             path = move_message(
-                path, account.maildir, decision.move, owner, decision.flags, self._unsynced
+                path,
+                account.maildir,
+                decision.move,
+                owner,
+                decision.flags,
+                self._unsynced,
+                self._folders,
             )
             log.info(
                 "account=%s file=%s moved %s -> %s (%s)",
