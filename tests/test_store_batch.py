@@ -14,7 +14,7 @@ import pytest
 from pg import PgCluster, running_cluster
 from sentlink.errors import StoreError
 from sentlink.model import Link, MessageInfo, Participant, Record
-from sentlink.store import IndexedFile, NewEvent, Store, open_store
+from sentlink.store import IndexedFile, NewEvent, SaveRequest, Store, open_store
 
 BOB = Record("contact", "c1", "Bob", ("bob@customer.test",))
 _names = itertools.count()
@@ -219,3 +219,82 @@ def test_a_crash_mid_batch_loses_only_the_open_transactions_rows_and_never_half_
                 m, [Link("alice", m.message_id, BOB, "bob@customer.test", "to", "address", "sent")]
             )
     assert indexed(store) == {f"u{n}" for n in range(25)}
+
+
+def test_many_messages_at_once_answer_as_one_by_one(stores: Callable[[], Store]) -> None:
+    """``save_messages``: what ``save_message`` in order would answer and write, each message
+    all-or-nothing, whether the backend writes the group in a few statements or not."""
+    store = stores()
+    store.upsert_record(BOB)
+    assert save(store, "old")
+    ghost = Record("contact", "gone", "Ghost", ("ghost@customer.test",))
+    fresh = [info(f"n{i}") for i in range(5)]
+    copy = info("copy", message_id=fresh[1].message_id)  # same Message-ID as an earlier one
+    again = info("old", message_id="other@x.test")  # this file is indexed already
+    broken = info("broken")  # links a record that does not exist: fails on its own
+    requests = [
+        *(SaveRequest(m, [link(m)], [event(f"e-{m.uniq}")]) for m in fresh[:3]),
+        SaveRequest(copy, [link(copy)]),
+        SaveRequest(again, [link(again)]),
+        SaveRequest(
+            broken,
+            [
+                Link(
+                    "alice",
+                    broken.message_id,
+                    ghost,
+                    "ghost@customer.test",
+                    "to",
+                    "address",
+                    "sent",
+                )
+            ],
+        ),
+        *(SaveRequest(m, [link(m)], [], ["dana@newco.test"]) for m in fresh[3:]),
+    ]
+    with store.batch():
+        answers = store.save_messages(requests)
+    assert answers[:5] == [True, True, True, False, False]
+    assert isinstance(answers[5], StoreError)
+    assert answers[6:] == [True, True]
+    assert indexed(store) == {"old", "copy", *(m.uniq for m in fresh)}  # "copy": another file
+    assert [f.uniq for f in store.message_files("alice", fresh[1].message_id)] == ["n1", "copy"]
+    assert {r["email"] for r in store.unmatched_addresses("alice")} == {"dana@newco.test"}
+    assert len(list(store.outbox_rows({"pending"}))) == 4  # "old" and n0..n2
+
+
+def test_a_group_of_new_messages_is_written_like_one_by_one(stores: Callable[[], Store]) -> None:
+    one, many = stores(), stores()
+    for store in (one, many):
+        store.upsert_record(BOB)
+    group = [info(f"g{i}") for i in range(20)]
+    with one.batch():
+        for m in group:
+            assert one.save_message(m, [link(m)], [event(f"e-{m.uniq}")], ["x@y.test"])
+    one.forget_account("alice")  # the same database: write the same rows again, in one go
+    with many.batch():
+        answers = many.save_messages(
+            [SaveRequest(m, [link(m)], [event(f"e2-{m.uniq}")], ["x@y.test"]) for m in group]
+        )
+    assert answers == [True] * 20
+    rows = list(many.query_links(account="alice"))
+    assert [r["file"] for r in rows] == [m.file for m in group]  # indexing order kept
+    assert {r["record"]["id"] for r in rows} == {"c1"}
+
+
+def test_records_answers_follow_another_connections_import_within_a_batch(
+    stores: Callable[[], Store],
+) -> None:
+    """The batch keeps records answers between its transactions only while nobody else wrote:
+    a record another connection commits meanwhile is seen from the next transaction on."""
+    watcher, importer = stores(), stores()
+    watcher.upsert_record(BOB)
+    dana = Record("contact", "c2", "Dana", ("dana@newco.test",))
+    with watcher.batch(max_writes=1):
+        assert watcher.records_by_email("dana@newco.test") == []
+        assert save(watcher, "a")  # commits (max_writes=1)
+        assert watcher.records_by_email("dana@newco.test") == []
+        importer.upsert_record(dana)
+        assert watcher.records_by_email("dana@newco.test") == [dana]
+        assert save(watcher, "b")
+        assert watcher.records_by_email("dana@newco.test") == [dana]

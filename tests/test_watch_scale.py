@@ -140,6 +140,8 @@ watch: {{rescan_seconds: 3600}}
         finally:
             os.kill(proc.pid, signal.SIGCONT)
         wait_for(lambda: indexed(tmp_path / "s.db") == 2000, 60)
+        # The rescan logs its summary after its last commit, not before.
+        wait_for(lambda: "rescan after inotify overflow" in log_path.read_text(), 30)
         text = log_path.read_text()
         assert "inotify queue overflowed: events were lost; rescanning now" in text
         gap = re.search(r"rescan after inotify overflow: (\d+) files had been missed", text)

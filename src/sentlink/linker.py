@@ -56,7 +56,7 @@ from sentlink.events import (
 from sentlink.headers import DEFAULT_MAX_HEADER_BYTES, HeaderBlock, read_headers
 from sentlink.maildir.names import split_uniq
 from sentlink.model import Direction, Link, MessageInfo, Participant, Record, Role, Via
-from sentlink.store import NewEvent, Store
+from sentlink.store import NewEvent, SaveRequest, Store, StoreError
 
 log = logging.getLogger("sentlink.linker")
 
@@ -312,9 +312,26 @@ class Linker:
 
         Returns what ``Store.save_message`` returns. Raises OSError when the file cannot be
         read for the event's facts (size, attachment names)."""
+        r = self.request(info, links, result, headers, path)
+        return self._store.save_message(r.info, r.links, r.events, r.unmatched, r.new_records)
+
+    def request(
+        self,
+        info: MessageInfo,
+        links: Sequence[Link],
+        result: LinkResult,
+        headers: HeaderBlock,
+        path: Path,
+    ) -> SaveRequest:
+        """What :meth:`save` would write, for :meth:`save_many`. Raises OSError like it."""
         events = self._events(info, links, result, headers, path)
         unmatched = result.unmatched if self._unmatched == "review" else ()
-        return self._store.save_message(info, links, events, unmatched, result.new_records)
+        return SaveRequest(info, links, events, unmatched, result.new_records)
+
+    def save_many(self, requests: Sequence[SaveRequest]) -> list[bool | StoreError]:
+        """Write many requests (``Store.save_messages``): for each, what :meth:`save` would
+        return, or the StoreError it would raise."""
+        return self._store.save_messages(requests)
 
     def _events(
         self,

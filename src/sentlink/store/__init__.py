@@ -24,6 +24,7 @@ __all__ = [
     "NewEvent",
     "OutboxRow",
     "RecordRow",
+    "SaveRequest",
     "Store",
     "StoreError",
     "UnmatchedRow",
@@ -47,6 +48,17 @@ class NewEvent:
     records: tuple[str, ...]
     hooks: tuple[str, ...]
     created_at: float  # Unix time
+
+
+@dataclass(frozen=True)
+class SaveRequest:
+    """The arguments of one ``Store.save_message``, for ``Store.save_messages``."""
+
+    info: MessageInfo
+    links: Sequence[Link]
+    events: Sequence[NewEvent] = ()
+    unmatched: Sequence[str] = ()
+    new_records: Sequence[Record] = ()
 
 
 @dataclass(frozen=True)
@@ -186,6 +198,11 @@ class Store(Protocol):
         Returns False, writing nothing else, when the account already has this unique name or
         (for a non-empty Message-ID) this Message-ID; in the latter case the file is remembered
         as another copy of the indexed message so ``has_message`` is true for it from now on.
+        """
+
+    def save_messages(self, requests: Sequence[SaveRequest]) -> list[bool | StoreError]:
+        """``save_message`` for each request in order, each all-or-nothing, with what each
+        returned or the StoreError it raised; a backend may write them with fewer statements.
         """
 
     # outbox

@@ -24,6 +24,8 @@ from sentlink.store import (
     LinkRow,
     NewEvent,
     OutboxRow,
+    SaveRequest,
+    StoreError,
     UnmatchedRow,
 )
 from sentlink.store.batch import Finish, WriteBatch
@@ -56,7 +58,7 @@ def iso(ts: float | None) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
 
 
-def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
+def chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
     for start in range(0, len(items), _CHUNK):
         yield items[start : start + _CHUNK]
 
@@ -114,11 +116,11 @@ class SqlStore(ABC):
             yield self._conn()
 
     @contextmanager
-    def _write(self) -> Iterator[Connection]:
+    def _write(self, writes: int = 1) -> Iterator[Connection]:
         """A connection inside a write transaction, committed on exit, rolled back on error.
 
         Inside a batch (store/batch.py): a savepoint in the batch's transaction, which is
-        committed once enough writes or time have gone by."""
+        committed once enough writes or time have gone by (the block counts as ``writes``)."""
         batch: WriteBatch | None = getattr(self._local, "batch", None)
         with self._errors():
             conn = self._conn()
@@ -145,7 +147,7 @@ class SqlStore(ABC):
                     with suppress(Exception):
                         batch.end(commit=False)
                 raise
-            batch.writes += 1
+            batch.writes += writes
             if batch.due():
                 batch.end(commit=True)
 
@@ -214,14 +216,29 @@ class SqlStore(ABC):
         )
 
     def records_by_email(self, email: str) -> list[Record]:
-        batch: WriteBatch | None = getattr(self._local, "batch", None)
-        cache = batch.records if batch is not None and batch.finish is not None else None
-        if cache is not None and email in cache:
-            return list(cache[email])
+        batch = self._records_cache()
+        if batch is not None and email in batch.records:
+            return list(batch.records[email])
         records = self._records_by_email(email)
-        if batch is not None and cache is not None:
+        if batch is not None:
             batch.remember(email, list(records))
         return records
+
+    def _records_cache(self) -> WriteBatch | None:
+        """This thread's batch, when its cached records answers hold (store/batch.py)."""
+        batch: WriteBatch | None = getattr(self._local, "batch", None)
+        if batch is None or batch.finish is not None:
+            return batch  # no batch; or inside its transaction: nobody else can write
+        # Between two of the batch's transactions: the answers hold while no other connection
+        # has committed since they were read.
+        with self._errors():
+            version = self._records_version(self._conn())
+        if version is None:
+            return None
+        if version != batch.records_version:
+            batch.forget_records()
+            batch.records_version = version
+        return batch
 
     def _records_by_email(self, email: str) -> list[Record]:
         # One query for the records and all their addresses: this runs for every participant.
@@ -372,6 +389,21 @@ class SqlStore(ABC):
                 self._insert_event(conn, event)
             return True
 
+    def save_messages(self, requests: Sequence[SaveRequest]) -> list[bool | StoreError]:
+        return [self._save_or_error(r) for r in requests]
+
+    def _save_or_error(self, request: SaveRequest) -> bool | StoreError:
+        try:
+            return self.save_message(
+                request.info,
+                request.links,
+                request.events,
+                request.unmatched,
+                request.new_records,
+            )
+        except StoreError as exc:
+            return exc
+
     @staticmethod
     def _insert_file(conn: Connection, info: MessageInfo, pk: int) -> bool:
         """Index the file as one of message ``pk``; False when its unique name already is."""
@@ -410,10 +442,12 @@ class SqlStore(ABC):
         ids = sorted({m for m in message_ids if m})
         keys: set[tuple[str, str]] = set()
         with self._read() as conn:
-            for chunk in _chunks(ids):
+            for chunk in chunks(ids):
                 marks = ", ".join("?" * len(chunk))
+                # No DISTINCT: the set drops repeats without the temporary B-tree SQLite
+                # builds for it on every call (this runs for every message with references).
                 rows = conn.execute(
-                    "SELECT DISTINCT l.kind, l.record_id FROM messages m"
+                    "SELECT l.kind, l.record_id FROM messages m"
                     " JOIN links l ON l.message_pk = m.pk"
                     f" WHERE m.account = ? AND m.private = 0 AND m.message_id IN ({marks})"
                     " AND m.message_id <> ''",
@@ -668,7 +702,7 @@ class SqlStore(ABC):
         if not event_ids:
             return [(int(pk), h) for pk, h in conn.execute(sql, params)]
         found: list[tuple[int, str]] = []
-        for chunk in _chunks(sorted(event_ids)):
+        for chunk in chunks(sorted(event_ids)):
             found += [
                 (int(pk), h)
                 for pk, h in conn.execute(
@@ -730,7 +764,7 @@ class SqlStore(ABC):
     def messages_for_emails(self, emails: Collection[str]) -> list[tuple[str, str]]:
         found: set[tuple[str, str]] = set()
         with self._read() as conn:
-            for chunk in _chunks(sorted(emails)):
+            for chunk in chunks(sorted(emails)):
                 rows = conn.execute(
                     "SELECT f.account, min(f.uniq) FROM unmatched u"
                     " JOIN message_files f ON f.message_pk = u.message_pk"

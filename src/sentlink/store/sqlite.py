@@ -13,14 +13,16 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 from sentlink.errors import StoreError
+from sentlink.store import SaveRequest
 from sentlink.store.batch import Finish
 from sentlink.store.schema import MIGRATIONS, migrate
-from sentlink.store.sql import Connection, SqlStore
+from sentlink.store.sql import Connection, SqlStore, chunks
 
 log = logging.getLogger("sentlink.store")
 
@@ -166,6 +168,99 @@ class SqliteStore(SqlStore):
 
     def _in_transaction(self, conn: Connection) -> bool:
         return self._sqlite(conn).in_transaction
+
+    # messages, many at once
+
+    def save_messages(self, requests: Sequence[SaveRequest]) -> list[bool | StoreError]:
+        # A reconcile's messages are nearly all new: then one savepoint and a few multi-row
+        # statements write a whole group, where one by one each message costs a savepoint and
+        # a handful of statements (each dearer when Python work runs between them). Anything
+        # else (a file or Message-ID indexed already, repeats within the group, new leads, a
+        # failing row) goes one by one, as save_message would, each all-or-nothing.
+        if len(requests) > 1 and self._bulk_possible(requests):
+            try:
+                if self._save_new(requests):
+                    return [True] * len(requests)
+            except StoreError:
+                pass  # the savepoint is rolled back: one by one, each fails on its own
+        return super().save_messages(requests)
+
+    @staticmethod
+    def _bulk_possible(requests: Sequence[SaveRequest]) -> bool:
+        account = requests[0].info.account
+        if any(r.info.account != account or r.new_records for r in requests):
+            return False
+        uniqs = {r.info.uniq for r in requests}
+        ids = [r.info.message_id for r in requests if r.info.message_id]
+        return len(uniqs) == len(requests) and len(set(ids)) == len(ids)
+
+    def _save_new(self, requests: Sequence[SaveRequest]) -> bool:
+        """Write all of ``requests`` if none is indexed yet (True), else nothing (False)."""
+        account = requests[0].info.account
+        uniqs = [r.info.uniq for r in requests]
+        ids = [r.info.message_id for r in requests if r.info.message_id]
+        with self._read() as conn:
+            for chunk in chunks(uniqs):
+                marks = ", ".join("?" * len(chunk))
+                sql = f"SELECT 1 FROM message_files WHERE account = ? AND uniq IN ({marks})"
+                if conn.execute(sql, (account, *chunk)).fetchone():
+                    return False
+            for chunk in chunks(ids):
+                marks = ", ".join("?" * len(chunk))
+                sql = (
+                    "SELECT 1 FROM messages WHERE account = ? AND message_id <> ''"
+                    f" AND message_id IN ({marks})"
+                )
+                if conn.execute(sql, (account, *chunk)).fetchone():
+                    return False
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        with self._write(len(requests)) as conn:
+            # What INTEGER PRIMARY KEY would assign one by one (the batch holds the write lock).
+            (last,) = conn.execute("SELECT coalesce(max(pk), 0) FROM messages").fetchone()
+            pks = range(int(last) + 1, int(last) + 1 + len(requests))
+            conn.executemany(
+                "INSERT INTO messages"
+                " (pk, account, message_id, direction, subject, date, private, indexed_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        pk,
+                        r.info.account,
+                        r.info.message_id,
+                        r.info.direction,
+                        r.info.subject,
+                        r.info.date,
+                        int(r.info.private),
+                        now,
+                    )
+                    for pk, r in zip(pks, requests, strict=True)
+                ],
+            )
+            conn.executemany(
+                "INSERT INTO message_files (account, uniq, message_pk, folder, file)"
+                " VALUES (?, ?, ?, ?, ?)",
+                [
+                    (r.info.account, r.info.uniq, pk, r.info.folder, r.info.file)
+                    for pk, r in zip(pks, requests, strict=True)
+                ],
+            )
+            conn.executemany(
+                "INSERT INTO links (message_pk, kind, record_id, email, role, via)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                [
+                    (pk, ln.record.kind, ln.record.id, ln.email, ln.role, ln.via)
+                    for pk, r in zip(pks, requests, strict=True)
+                    for ln in r.links
+                ],
+            )
+            conn.executemany(
+                "INSERT INTO unmatched (message_pk, email) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                [(pk, e) for pk, r in zip(pks, requests, strict=True) for e in r.unmatched],
+            )
+            for r in requests:
+                for event in r.events:
+                    self._insert_event(conn, event)
+        return True
 
     def schema_version(self) -> int:
         with self._read() as conn:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,15 +29,23 @@ from sentlink.maildir import find_message, folder_path, move_message, resolve_ow
 from sentlink.maildir.cache import FolderCache
 from sentlink.maildir.moves import sync_dirs
 from sentlink.maildir.names import merge_flags, parse_flags, split_uniq
-from sentlink.model import Direction
-from sentlink.store import Store
+from sentlink.model import Direction, Link, MessageInfo
+from sentlink.store import SaveRequest, Store, StoreError
 from sentlink.watch.duplicates import Copy, body_hash, resolve
 from sentlink.watch.known import KnownFile, KnownFiles
 from sentlink.watch.policy import WatchPolicy
 from sentlink.watch.prepare import Prepared, Preparer, direction_of
 from sentlink.watch.rules import Decision, MessageFacts
 
-__all__ = ["MessageHandler", "Outcome", "Plan", "WatchPolicy", "direction_of", "relative"]
+__all__ = [
+    "MessageHandler",
+    "Outcome",
+    "Plan",
+    "Staged",
+    "WatchPolicy",
+    "direction_of",
+    "relative",
+]
 
 log = logging.getLogger("sentlink.watch")
 
@@ -57,6 +65,20 @@ class Outcome:
     moved: bool = False
     removed: int = 0  # our duplicate copies deleted
     trashed: int = 0  # foreign duplicate copies flagged T
+
+
+@dataclass(frozen=True)
+class Staged:
+    """A message handled up to its store write (see :meth:`MessageHandler.stage`)."""
+
+    info: MessageInfo
+    links: list[Link]
+    result: LinkResult
+    headers: HeaderBlock
+    path: Path  # where the file is now (moved, flagged)
+    moved: bool
+    trashed: int
+    forget: tuple[KnownFile, ...]  # indexed duplicate copies deleted
 
 
 @dataclass(frozen=True)
@@ -186,9 +208,24 @@ class MessageHandler:
         """Handle one file not yet indexed; ``prepared`` is what ``Preparer.prepare`` gave for
         it, when a worker read it already. Raises FileNotFoundError when it vanished, and
         StoreError/CaptureError/OSError on failures (the caller logs; the rescan retries)."""
+        staged = self.stage(account, folder, path, prepared)
+        if isinstance(staged, Outcome):
+            return staged
+        saved = self._linker.save(
+            staged.info, staged.links, staged.result, staged.headers, staged.path
+        )
+        return self.complete(staged, saved)
+
+    def stage(
+        self, account: AccountConfig, folder: str, path: Path, prepared: Prepared | None = None
+    ) -> Outcome | Staged:
+        """:meth:`handle` up to the store write: the outcome when there is nothing to write,
+        else what to write. The caller writes it (``Linker.save``, or ``Linker.save_many``
+        with others) and passes the answer to :meth:`complete`. Raises like ``handle``."""
         if prepared is None:
             prepared = self._preparer.prepare(account, folder, path)
-        headers, decision, facts = prepared.headers, prepared.decision, prepared.facts
+        headers, decision = prepared.headers, prepared.decision
+        facts = self._preparer.facts(headers)
         moved = False
         if decision.move is not None:
             owner = resolve_owner(account.owner)
@@ -236,18 +273,34 @@ class MessageHandler:
             if kept != path:
                 path = kept
                 info = replace(info, file=relative(path, account.maildir))
-        saved = self._linker.save(info, links, result, headers, path)
+        return Staged(info, links, result, headers, path, moved, trashed, tuple(forget))
+
+    def request(self, staged: Staged) -> SaveRequest:
+        """What to write for a staged message. Raises OSError like ``Linker.save``."""
+        return self._linker.request(
+            staged.info, staged.links, staged.result, staged.headers, staged.path
+        )
+
+    def save_many(self, requests: Sequence[SaveRequest]) -> list[bool | StoreError]:
+        """Write staged messages together (``Linker.save_many``)."""
+        return self._linker.save_many(requests)
+
+    def complete(self, staged: Staged, saved: bool) -> Outcome:
+        """The outcome of a staged message, once ``Linker.save`` answered ``saved``."""
+        info, result = staged.info, staged.result
         status = result.status if saved else "already"
         if saved and result.status == "linked":
             log.info(
                 "account=%s message_id=%s linked records=%d file=%s",
-                account.name,
+                info.account,
                 info.message_id,
-                len(links),
+                len(staged.links),
                 info.file,
             )
-        self._flush_forget_later(account.name, folder, [], forget)
-        return Outcome(status, folder, moved, removed=len(forget), trashed=trashed)
+        self._flush_forget_later(info.account, info.folder, [], list(staged.forget))
+        return Outcome(
+            status, info.folder, staged.moved, removed=len(staged.forget), trashed=staged.trashed
+        )
 
     def _deduplicate(
         self,

@@ -9,6 +9,9 @@ watcher's thread, through the same code, so both paths decide alike.
 
 from __future__ import annotations
 
+import os
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,6 +21,7 @@ from sentlink.headers import HeaderBlock, read_headers
 from sentlink.linker import Draft, LinkFilter
 from sentlink.maildir.names import merge_flags
 from sentlink.model import Direction
+from sentlink.trace import TRACE_HEADER
 from sentlink.watch.policy import WatchPolicy
 from sentlink.watch.rules import Decision, MessageFacts, own_addresses, self_sent_reason
 
@@ -26,15 +30,26 @@ def direction_of(account: AccountConfig, folder: str) -> Direction:
     return "sent" if folder == account.sent_folder else "received"
 
 
+# The header fields the main process still reads once a file is prepared: the sender, for hook
+# events (Linker.request), and our trace header with the Message-ID it signs, to tell whose a
+# duplicate copy is (MessageHandler._deduplicate). A worker sends only these back.
+_KEPT_FIELDS = frozenset({"from", "message-id", TRACE_HEADER.lower()})
+
+
 @dataclass(frozen=True)
 class Prepared:
     """A message file read and judged: what the rules decided, and the linker's draft for the
-    folder the message ends up in."""
+    folder the message ends up in. ``headers`` may hold only the fields the rest of handling
+    reads (see ``slim``)."""
 
     headers: HeaderBlock
     decision: Decision
-    facts: MessageFacts
     draft: Draft
+
+    def slim(self) -> Prepared:
+        """The same, with only the header fields read after preparing (less to send back)."""
+        fields = tuple(f for f in self.headers.fields if f[0].lower() in _KEPT_FIELDS)
+        return replace(self, headers=HeaderBlock(fields, self.headers.truncated))
 
 
 class Preparer:
@@ -56,10 +71,13 @@ class Preparer:
         """Read and judge ``path`` in ``folder``. Raises OSError (FileNotFoundError when it
         vanished) like reading it does."""
         headers = self.read(path)
-        decision, facts = self.decide(account, folder, headers)
+        decision, _facts = self.decide(account, folder, headers)
         target = decision.move or folder
         draft = self._filter.draft(account.name, headers, direction_of(account, target))
-        return Prepared(headers, decision, facts, draft)
+        return Prepared(headers, decision, draft)
+
+    def facts(self, headers: HeaderBlock) -> MessageFacts:
+        return MessageFacts(headers, self._policy.secret)
 
     def decide(
         self, account: AccountConfig, folder: str, headers: HeaderBlock
@@ -98,7 +116,21 @@ def prepare_chunk(
     prepared: list[Prepared | None] = []
     for path in paths:
         try:
-            prepared.append(preparer.prepare(account, folder, path))
+            prepared.append(preparer.prepare(account, folder, path).slim())
         except Exception:
             prepared.append(None)
     return prepared
+
+
+def exit_with_parent(parent: int) -> None:
+    """Worker process initializer: exit once the process that started it is gone.
+
+    A worker of a ProcessPoolExecutor holds both ends of its job queue, so it would wait for
+    jobs forever after the main process was killed (SIGKILL, a crash)."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="sentlink-parent-watch", daemon=True).start()

@@ -15,22 +15,27 @@ from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPool
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from sentlink.config.models import AccountConfig, Config
 from sentlink.errors import CaptureError
 from sentlink.linker import Linker
 from sentlink.maildir import folder_path, list_messages, split_uniq
 from sentlink.model import Direction
-from sentlink.store import Store
-from sentlink.watch.handler import MessageHandler, Outcome, WatchPolicy, relative
+from sentlink.store import SaveRequest, Store
+from sentlink.watch.handler import MessageHandler, Outcome, Staged, WatchPolicy, relative
 from sentlink.watch.known import KnownFiles, known_files_for
-from sentlink.watch.prepare import Prepared, Preparer, prepare_chunk
+from sentlink.watch.prepare import Prepared, Preparer, exit_with_parent, prepare_chunk
 
 log = logging.getLogger("sentlink.watch")
+
+_T = TypeVar("_T")
 
 # A folder with at least this many new files has them read and judged in a worker process
 # (watch/prepare.py, _pipeline): below it, starting the process costs more than it saves.
 PARALLEL_FROM = 2000
+# Messages written to the store together in such a folder (MessageHandler.save_many).
+_WRITE_GROUP = 100
 # Files per worker job, and jobs in flight ahead of the file being handled.
 _CHUNK = 256
 _PREPARE_AHEAD = 3
@@ -140,8 +145,13 @@ def handle_one(
     handler: MessageHandler, ref: FolderRef, path: Path, prepared: Prepared | None = None
 ) -> Outcome:
     """Handle one file; a failure is logged and reported, never raised (the rescan retries)."""
+    return _guarded(ref, path, lambda: handler.handle(ref.account, ref.folder, path, prepared))
+
+
+def _guarded(ref: FolderRef, path: Path, work: Callable[[], _T]) -> _T | Outcome:
+    """``work()`` on one file, its failure logged and turned into an outcome."""
     try:
-        return handler.handle(ref.account, ref.folder, path, prepared)
+        return work()
     except FileNotFoundError:
         # A client renamed it (flag change) or moved it away meanwhile: the rescan sees it again.
         return Outcome("vanished", ref.folder)
@@ -221,6 +231,9 @@ def scan_folders(
                 )
                 parallel = len(paths) >= parallel_from
                 steps = _pipeline(pool, workers if parallel else None, handler.preparer, ref, paths)
+                if parallel:
+                    _handle_in_groups(handler, ref, steps, summary, progress)
+                    continue
                 for path, prepared in steps:
                     summary.seen += 1
                     summary.add_outcome(handle_one(handler, ref, path, prepared))
@@ -229,6 +242,69 @@ def scan_folders(
         finally:
             handler.flush()
     return summary
+
+
+def _handle_in_groups(
+    handler: MessageHandler,
+    ref: FolderRef,
+    steps: Iterator[tuple[Path, Prepared | None]],
+    summary: ScanSummary,
+    progress: Callable[[int], None] | None,
+) -> None:
+    """Handle files as :func:`handle_one` does, writing them to the store in groups.
+
+    Each file is staged (moved, planned) in order and its write held back with the group's.
+    A file whose handling reads what a held-back write would change is staged only after the
+    group is written: one sharing a Message-ID with it (duplicates), one naming it in
+    In-Reply-To/References (thread links), one not prepared (its ids are not known yet); and a
+    file that creates a lead is written at once (the next ones must find the lead). So each
+    file is handled as it would be one at a time.
+    """
+    group: list[tuple[Path, Staged, SaveRequest]] = []
+    ids: set[str] = set()
+
+    def write() -> None:
+        try:
+            answers: Sequence[bool | Exception] = handler.save_many([r for _p, _s, r in group])
+        except Exception as exc:  # save_many reports each one's StoreError: this is a bug
+            answers = [exc] * len(group)
+        for (path, staged, _request), answer in zip(group, answers, strict=True):
+            if isinstance(answer, Exception):
+                log.warning(
+                    "account=%s file=%s not handled: %s", ref.account.name, path.name, answer
+                )
+                summary.add_outcome(Outcome("error", ref.folder))
+            else:
+                summary.add_outcome(handler.complete(staged, answer))
+        group.clear()
+        ids.clear()
+
+    def stage(path: Path, prepared: Prepared | None) -> Outcome | tuple[Staged, SaveRequest]:
+        staged = handler.stage(ref.account, ref.folder, path, prepared)
+        return staged if isinstance(staged, Outcome) else (staged, handler.request(staged))
+
+    for path, prepared in steps:
+        summary.seen += 1
+        if group and (
+            prepared is None
+            or prepared.draft.message_id in ids
+            or any(r in ids for r in prepared.draft.refs)
+        ):
+            write()
+        done = _guarded(ref, path, lambda: stage(path, prepared))  # noqa: B023 (called at once)
+        if isinstance(done, Outcome):
+            summary.add_outcome(done)
+        else:
+            staged, request = done
+            group.append((path, staged, request))
+            if staged.info.message_id:
+                ids.add(staged.info.message_id)
+            if request.new_records or len(group) >= _WRITE_GROUP:
+                write()
+        if progress is not None:
+            progress(1)
+    if group:
+        write()
 
 
 class _Workers:
@@ -262,7 +338,12 @@ class _Workers:
                     return None
                 # spawn, not fork: the watcher has threads (watchdog, metrics) a fork would copy
                 # in whatever state they are in.
-                self._pool = ProcessPoolExecutor(1, multiprocessing.get_context("spawn"))
+                self._pool = ProcessPoolExecutor(
+                    1,
+                    multiprocessing.get_context("spawn"),
+                    initializer=exit_with_parent,
+                    initargs=(os.getpid(),),
+                )
             return self._pool.submit(prepare_chunk, preparer, ref.account, ref.folder, paths)
         except Exception as exc:  # cannot start or reach the worker: work without it
             log.warning("preparing files in a worker process failed: %s", exc)

@@ -1,0 +1,200 @@
+"""A large reconcile reads and judges files in a worker process and writes them to the store in
+groups (watch/scan.py): it must end exactly where handling the files one at a time ends, and a
+crash in the middle must lose nothing the next reconcile does not put right."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sentlink.config.models import Config
+from sentlink.model import Record
+from sentlink.store import open_store
+from sentlink.watch.oneshot import Reconcile
+from test_watch_inbox import ALICE, SECRET, drop, mail, make_config, traced
+
+SERIAL = 10**9  # parallel_from: never
+PARALLEL = 0  # parallel_from: always
+
+CRASHING_RECONCILE = """
+import os, sys
+from pathlib import Path
+from sentlink.config import load_config
+from sentlink.store import open_store
+from sentlink.store.sqlite import SqliteStore
+from sentlink.watch import handler
+from sentlink.watch.oneshot import Reconcile
+
+handler.BATCH_WRITES = 100
+real = SqliteStore.save_messages
+written = 0
+
+def save_messages(self, requests):
+    global written
+    if written >= 150:  # a commit behind us, and writes since then
+        os._exit(3)
+    written += len(requests)
+    return real(self, requests)
+
+if __name__ == "__main__":
+    SqliteStore.save_messages = save_messages
+    config = load_config(Path(sys.argv[1]))
+    store = open_store(config.store.url)
+    with Reconcile(config, config.accounts, store, b"s" * 32) as r:
+        r.run(r.pending(), parallel_from=0)
+"""
+
+HOOKS = "hooks: [{name: crm, type: command, path: /bin/true}]"
+
+
+def fill(box: Path) -> None:
+    """Every kind of file the handler treats differently, with replies close to what they
+    answer (the same write group) and far from it."""
+    for n in range(240):
+        customer = f"user{n % 40}@customer{n % 7}.test"
+        kind = n % 8
+        if kind == 0:  # self-sent, fetched back into INBOX: moves to Sent
+            drop(box, "INBOX", mail(f"s{n}@x", frm=ALICE, to=customer, subject=f"offer {n}"))
+        elif kind == 1:  # our capture copy and the client's copy of one sent message
+            drop(box, "Sent", traced(f"d{n}@x", frm=ALICE, to=customer), flags="S")
+            drop(box, "Sent", mail(f"d{n}@x", frm=ALICE, to=customer), flags="S")
+        elif kind == 2:  # a reply to the previous message, and one to a message long ago
+            refs = f"In-Reply-To: <s{n - 2}@x>\nReferences: <r{max(0, n - 100)}@x> <s{n - 2}@x>\n"
+            drop(box, "INBOX", mail(f"r{n}@x", frm=customer, extra=refs))
+        elif kind == 3:  # the same message fetched twice into INBOX
+            drop(box, "INBOX", mail(f"t{n}@x", frm=customer))
+            drop(box, "INBOX", mail(f"t{n}@x", frm=customer))
+        elif kind == 4:  # an ambiguous address: indexed, linked to nothing
+            drop(box, "INBOX", mail(f"a{n}@x", frm="a@x.test)<b@y.test>"))
+        elif kind == 5:  # internal only
+            drop(box, "INBOX", mail(f"i{n}@x", frm="colleague@example.test"))
+        else:
+            drop(box, "INBOX", mail(f"r{n}@x", frm=customer, cc=f"new{n}@elsewhere.test"))
+
+
+def run(config: Config, parallel_from: int) -> dict[str, object]:
+    store = open_store(config.store.url)
+    try:
+        store.upsert_records(
+            Record("contact", f"c{k}", f"C {k}", (f"user{k}@customer{k % 7}.test",))
+            for k in range(0, 40, 3)
+        )
+        with Reconcile(config, config.accounts, store, SECRET) as r:
+            return r.run(r.pending(), parallel_from=parallel_from).as_dict()
+    finally:
+        store.close()
+
+
+def state(base: Path) -> dict[str, object]:
+    """The mailbox's files and every row the reconcile wrote (times and event ids aside)."""
+    db = sqlite3.connect(base / "s.db")
+    try:
+        queries = {
+            "messages": "SELECT pk, account, message_id, direction, subject, date, private"
+            " FROM messages ORDER BY pk",
+            "files": "SELECT account, uniq, message_pk, folder, file FROM message_files"
+            " ORDER BY rowid",
+            "links": "SELECT * FROM links ORDER BY message_pk, kind, record_id",
+            "unmatched": "SELECT * FROM unmatched ORDER BY message_pk, email",
+            "records": "SELECT kind, id, name FROM records ORDER BY kind, id",
+            "events": "SELECT type, records FROM events ORDER BY pk",
+            "deliveries": "SELECT event_pk, hook, state FROM deliveries ORDER BY event_pk",
+        }
+        rows = {name: db.execute(sql).fetchall() for name, sql in queries.items()}
+    finally:
+        db.close()
+    box = base / "alice"
+    rows["layout"] = sorted(str(p.relative_to(box)) for p in box.rglob("*") if p.is_file())
+    return rows
+
+
+def twins(tmp_path: Path, extra: str) -> tuple[Config, Config]:
+    """Two copies of one mailbox (same file names), each with its own store and config."""
+    source = tmp_path / "source"
+    fill(source / "alice")
+    configs = []
+    for name in ("one", "two"):
+        base = tmp_path / name
+        shutil.copytree(source, base)
+        (base / "site.secret").write_bytes(SECRET)
+        (base / "site.secret").chmod(0o600)
+        configs.append(make_config(base, extra))
+    return configs[0], configs[1]
+
+
+@pytest.mark.parametrize("unmatched", ["review", "create-lead"])
+def test_the_parallel_reconcile_ends_where_one_at_a_time_does(
+    tmp_path: Path, unmatched: str
+) -> None:
+    serial, parallel = twins(tmp_path, f"crm: {{unmatched: {unmatched}}}\n{HOOKS}")
+    expected = run(serial, SERIAL)
+    assert run(parallel, PARALLEL) == expected
+    assert expected["moved"] and expected["duplicates_removed"]  # every path was taken
+    assert {"linked", "already", "skipped", "ambiguous"} <= set(expected["by_status"])  # type: ignore[arg-type]
+    one, two = state(tmp_path / "one"), state(tmp_path / "two")
+    assert one["links"] and one["events"]
+    assert two == one
+
+
+def test_a_crash_between_write_groups_is_made_good_by_the_next_reconcile(
+    tmp_path: Path,
+) -> None:
+    crashed, reference = twins(tmp_path, HOOKS)
+    base = tmp_path / "one"
+    (base / "sentlink.yaml").write_text(
+        f"""
+store: {{url: "sqlite:///{base}/s.db"}}
+site_secret_file: {base}/site.secret
+internal_domains: [example.test]
+accounts:
+  - name: alice
+    addresses: [{ALICE}, a.smith@example.test]
+    maildir: {base}/alice
+{HOOKS}
+"""
+    )
+    (base / "crash.py").write_text(CRASHING_RECONCILE)
+    store = open_store(crashed.store.url)
+    store.upsert_records(
+        Record("contact", f"c{k}", f"C {k}", (f"user{k}@customer{k % 7}.test",))
+        for k in range(0, 40, 3)
+    )
+    store.close()
+    died = subprocess.run(
+        [sys.executable, str(base / "crash.py"), str(base / "sentlink.yaml")],
+        capture_output=True,
+        timeout=120,
+    )
+    assert died.returncode == 3, died.stderr.decode()
+    db = sqlite3.connect(base / "s.db")
+    try:
+        (done,) = db.execute("SELECT count(*) FROM message_files").fetchone()
+    finally:
+        db.close()
+    assert 100 <= done < 150  # committed, and the rows after the last commit lost
+    run(crashed, PARALLEL)  # the next reconcile
+    run(reference, SERIAL)  # never crashed
+    assert outcome(tmp_path / "one") == outcome(tmp_path / "two")
+
+
+def outcome(base: Path) -> tuple[object, ...]:
+    """Where the files are, what is indexed and which addresses are linked. Not the row keys,
+    nor thread links: a crash changes the order files are indexed in (moved files are found
+    in Sent by the next reconcile), and a thread link needs what it answers indexed first."""
+    rows = state(base)
+    store = open_store(f"sqlite:///{base}/s.db")
+    try:
+        linked = sorted(
+            (r["message_id"], r["record"]["id"], r["role"], r["folder"])
+            for r in store.query_links(account="alice")
+            if r["via"] == "address"
+        )
+        indexed = store.folder_files("alice", "INBOX"), store.folder_files("alice", "Sent")
+    finally:
+        store.close()
+    return rows["layout"], rows["records"], linked, indexed
