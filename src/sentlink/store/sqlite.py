@@ -22,7 +22,7 @@ from sentlink.errors import StoreError
 from sentlink.store import SaveRequest
 from sentlink.store.batch import Finish
 from sentlink.store.schema import MIGRATIONS, migrate
-from sentlink.store.sql import Connection, SqlStore, chunks
+from sentlink.store.sql import Connection, SqlStore
 
 log = logging.getLogger("sentlink.store")
 
@@ -175,12 +175,13 @@ class SqliteStore(SqlStore):
         # A reconcile's messages are nearly all new: then one savepoint and a few multi-row
         # statements write a whole group, where one by one each message costs a savepoint and
         # a handful of statements (each dearer when Python work runs between them). Anything
-        # else (a file or Message-ID indexed already, repeats within the group, new leads, a
-        # failing row) goes one by one, as save_message would, each all-or-nothing.
+        # else (a file or Message-ID indexed already, which the unique keys refuse; repeats
+        # within the group; new leads; a failing row) goes one by one, as save_message would,
+        # each all-or-nothing.
         if len(requests) > 1 and self._bulk_possible(requests):
             try:
-                if self._save_new(requests):
-                    return [True] * len(requests)
+                self._save_new(requests)
+                return [True] * len(requests)
             except StoreError:
                 pass  # the savepoint is rolled back: one by one, each fails on its own
         return super().save_messages(requests)
@@ -194,25 +195,9 @@ class SqliteStore(SqlStore):
         ids = [r.info.message_id for r in requests if r.info.message_id]
         return len(uniqs) == len(requests) and len(set(ids)) == len(ids)
 
-    def _save_new(self, requests: Sequence[SaveRequest]) -> bool:
-        """Write all of ``requests`` if none is indexed yet (True), else nothing (False)."""
-        account = requests[0].info.account
-        uniqs = [r.info.uniq for r in requests]
-        ids = [r.info.message_id for r in requests if r.info.message_id]
-        with self._read() as conn:
-            for chunk in chunks(uniqs):
-                marks = ", ".join("?" * len(chunk))
-                sql = f"SELECT 1 FROM message_files WHERE account = ? AND uniq IN ({marks})"
-                if conn.execute(sql, (account, *chunk)).fetchone():
-                    return False
-            for chunk in chunks(ids):
-                marks = ", ".join("?" * len(chunk))
-                sql = (
-                    "SELECT 1 FROM messages WHERE account = ? AND message_id <> ''"
-                    f" AND message_id IN ({marks})"
-                )
-                if conn.execute(sql, (account, *chunk)).fetchone():
-                    return False
+    def _save_new(self, requests: Sequence[SaveRequest]) -> None:
+        """Write all of ``requests`` as new messages. A file or Message-ID indexed already
+        violates a unique key: StoreError, and the savepoint leaves nothing written."""
         now = datetime.now(UTC).isoformat(timespec="seconds")
         with self._write(len(requests)) as conn:
             # What INTEGER PRIMARY KEY would assign one by one (the batch holds the write lock).
@@ -260,7 +245,6 @@ class SqliteStore(SqlStore):
             for r in requests:
                 for event in r.events:
                     self._insert_event(conn, event)
-        return True
 
     def schema_version(self) -> int:
         with self._read() as conn:

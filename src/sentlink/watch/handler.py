@@ -50,9 +50,11 @@ __all__ = [
 log = logging.getLogger("sentlink.watch")
 
 # Store writes per transaction while handling many files (a reconcile, a burst of events): a
-# commit per message would cost more than indexing it. Half a second bounds how long the write
-# lock is held and how much a crash makes the next rescan redo.
-BATCH_WRITES = 500
+# commit per message would cost more than indexing it, and each commit writes every index page
+# its messages touched, so fewer, larger commits write the hot pages fewer times (2,000: about
+# 0.25 s of a reconcile). Half a second bounds how long the write lock is held and how much a
+# crash makes the next rescan redo.
+BATCH_WRITES = 2000
 BATCH_SECONDS = 0.5
 
 
