@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from dns_lab import TxtServer, dkim_key, dkim_sign
 from sentlink.config import load_config_text
 from sentlink.config.models import Config
 from sentlink.errors import ConfigError
@@ -24,7 +27,7 @@ from sentlink.model import Record
 from sentlink.store import Store, open_store
 from sentlink.trace import TRACE_HEADER, sign
 from sentlink.watch import FolderWatcher, WatchPolicy, watched_folders
-from sentlink.watch.oneshot import Reconcile
+from sentlink.watch.oneshot import Reconcile, Unreadable
 
 SECRET = b"s" * 32
 ALICE = "alice@example.test"
@@ -80,6 +83,13 @@ def drop(maildir: Path, folder: str, data: bytes, flags: str | None = None) -> P
 def files(maildir: Path, folder: str) -> list[Path]:
     base = maildir if folder == "INBOX" else maildir / f".{folder}"
     return sorted(p for sub in ("new", "cur") for p in (base / sub).glob("*"))
+
+
+def message_ids(maildir: Path, folder: str) -> list[str]:
+    found = (
+        re.search(rb"^Message-ID: <([^>]*)>", p.read_bytes(), re.M) for p in files(maildir, folder)
+    )
+    return [m.group(1).decode() for m in found if m]
 
 
 def make_config(tmp_path: Path, extra: str = "") -> Config:
@@ -170,12 +180,89 @@ def test_forged_self_sent_mail_is_not_moved_when_trace_is_required(
     assert len(files(box, "INBOX")) == 2
 
 
-def test_dkim_requirement_is_refused_with_the_position_in_the_file(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def dkim_key_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, str]:
+    return dkim_key(tmp_path_factory.mktemp("dkim"))
+
+
+@dataclass
+class DkimLab:
+    """``self_sent.require: dkim`` with its key served by a loopback DNS server."""
+
+    server: TxtServer
+    config: Config
+    store: Store
+    box: Path
+    private_key: bytes
+
+    def signed(self, message: bytes, domain: str = "example.test") -> bytes:
+        return dkim_sign(message, domain, "s1", self.private_key)
+
+
+@pytest.fixture
+def dkim_lab(tmp_path: Path, dkim_key_pair: tuple[bytes, str]) -> Iterator[DkimLab]:
+    private, public = dkim_key_pair
+    (tmp_path / "site.secret").write_bytes(SECRET)
+    (tmp_path / "site.secret").chmod(0o600)
+    with TxtServer({"s1._domainkey.example.test": public}) as server:
+        config = make_config(
+            tmp_path, f"self_sent:\n  require: dkim\n  dns_servers: ['{server.address}']"
+        )
+        store = open_store(config.store.url)
+        yield DkimLab(server, config, store, tmp_path / "alice", private)
+        store.close()
+
+
+def test_with_dkim_required_only_an_aligned_valid_signature_or_our_trace_moves_mail(
+    dkim_lab: DkimLab,
+) -> None:
+    lab, box = dkim_lab, dkim_lab.box
+    # Sent from the provider's webmail and fetched back: signed by the account's domain.
+    drop(box, "INBOX", lab.signed(mail("web@x", frm=ALICE, to="bob@customer.test", body="hi\n")))
+    drop(box, "INBOX", mail("forged@x", frm=ALICE, to="bob@customer.test"))  # unsigned
+    foreign = mail("foreign@x", frm=ALICE, to="bob@customer.test")
+    drop(box, "INBOX", lab.signed(foreign, "forger.test"))  # valid, but not aligned
+    edited = lab.signed(mail("edit@x", frm=ALICE, to="bob@customer.test"))
+    drop(box, "INBOX", edited.replace(b"body", b"BODY"))
+    drop(box, "INBOX", traced("ours@x", frm=ALICE, to="bob@customer.test"))
+    with Reconcile(lab.config, lab.config.accounts, lab.store, SECRET) as r:
+        plans = {
+            p.message_id.strip("<>"): p.decision.describe()
+            for p in r.explain(r.pending())
+            if not isinstance(p, Unreadable)
+        }
+        summary = r.run(r.pending()).as_dict()
+    assert summary["moved"] == 2
+    assert sorted(message_ids(box, "Sent")) == ["ours@x", "web@x"]
+    assert sorted(message_ids(box, "INBOX")) == ["edit@x", "foreign@x", "forged@x"]
+    assert "move to Sent" in plans["web@x"] and "DKIM d=example.test" in plans["web@x"]
+    assert plans["forged@x"].startswith("stay") and "no DKIM signature" in plans["forged@x"]
+    assert "d=forger.test is not aligned with example.test" in plans["foreign@x"]
+    assert "body hash mismatch" in plans["edit@x"]
+
+
+def test_a_dns_outage_leaves_self_sent_mail_for_the_next_rescan(
+    dkim_lab: DkimLab, caplog: pytest.LogCaptureFixture
+) -> None:
+    lab, box = dkim_lab, dkim_lab.box
+    drop(box, "INBOX", lab.signed(mail("web@x", frm=ALICE, to="bob@customer.test")))
+    lab.server.silent = True
+    first = reconcile(lab.config, lab.store)
+    assert first["moved"] == 0 and len(files(box, "INBOX")) == 1
+    assert "DKIM check postponed to the next rescan" in caplog.text
+    assert list(lab.store.query_links(account="alice")) == []  # not indexed: judged again
+    lab.server.silent = False
+    assert reconcile(lab.config, lab.store)["moved"] == 1
+    assert len(files(box, "Sent")) == 1
+
+
+def test_a_dns_server_that_is_not_an_address_is_refused_with_its_position(
+    tmp_path: Path,
+) -> None:
     with pytest.raises(ConfigError) as caught:
-        make_config(tmp_path, "self_sent:\n  require: dkim")
-    assert caught.value.problems == [
-        "test.yaml:10:12: self_sent.require: dkim is not supported yet (use none or trace)"
-    ]
+        make_config(tmp_path, "self_sent:\n  require: dkim\n  dns_servers: [ns.example.test]")
+    (problem,) = caught.value.problems
+    assert problem.startswith("test.yaml:11:17: self_sent.dns_servers[0]: 'ns.example.test'")
 
 
 def test_our_duplicate_copy_is_deleted_and_the_clients_copy_stays_visible(

@@ -10,7 +10,7 @@ import dataclasses
 import ipaddress
 import re
 
-from sentlink.config.listen import parse_listen
+from sentlink.config.listen import parse_dns_server, parse_listen
 from sentlink.config.models import (
     AccountConfig,
     Config,
@@ -18,6 +18,7 @@ from sentlink.config.models import (
     HookConfig,
     MilterConfig,
     OutboxConfig,
+    SelfSentConfig,
     WatchRule,
 )
 from sentlink.config.problems import Locations, Problems
@@ -87,10 +88,18 @@ class _Checker:
         if config.watch.rescan_seconds <= 0:
             self.fail(("watch", "rescan_seconds"), "must be a positive number of seconds")
         self.watch_rules(config.watch.rules)
-        if config.self_sent.require == "dkim":
-            self.fail(("self_sent", "require"), "dkim is not supported yet (use none or trace)")
+        self.self_sent(config.self_sent)
         self.hooks(config.hooks)
         self.outbox(config.outbox, config.hooks)
+
+    def self_sent(self, self_sent: SelfSentConfig) -> None:
+        for i, server in enumerate(self_sent.dns_servers):
+            try:
+                parse_dns_server(server)
+            except ValueError as exc:
+                self.fail(("self_sent", "dns_servers", i), str(exc))
+        if self_sent.dkim_max_bytes <= 0:
+            self.fail(("self_sent", "dkim_max_bytes"), "must be a positive number of bytes")
 
     def watch_rules(self, rules: tuple[WatchRule, ...]) -> None:
         for i, rule in enumerate(rules):

@@ -1,4 +1,5 @@
-"""The milter socket address, in libmilter's syntax (smfi_setconn(3)).
+"""The milter socket address, in libmilter's syntax (smfi_setconn(3)), and name server
+addresses (``self_sent.dns_servers``).
 
 libmilter writes ``inet:PORT@HOST`` where Postfix's ``smtpd_milters`` writes ``inet:HOST:PORT``;
 the two are easy to mix up, so the Postfix form is rejected with the translation as a hint.
@@ -6,6 +7,7 @@ the two are easy to mix up, so the Postfix form is rejected with the translation
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,3 +70,29 @@ def _parse_inet(spec: str, family: Literal["inet", "inet6"], rest: str) -> Milte
     if not host or any(c.isspace() for c in host):
         raise ValueError(f"'{spec}': missing or malformed host after '@'")
     return MilterSocket(family, port=int(port), host=host)
+
+
+def parse_dns_server(text: str) -> tuple[str, int]:
+    """``IP``, ``IP:PORT`` or ``[IPv6]:PORT`` -> (ip, port); ValueError with the reason."""
+    host, port = text.strip(), 53
+    if host.startswith("["):
+        inner, sep, rest = host[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"{text!r}: write [IPv6]:PORT")
+        host = inner
+        if rest:
+            port = _port(text, rest[1:])
+    elif host.count(":") == 1:
+        host, _, port_text = host.partition(":")
+        port = _port(text, port_text)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{text!r}: not an IP address (give name servers by address)") from None
+    return host, port
+
+
+def _port(text: str, port: str) -> int:
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r}: bad port {port!r}")
+    return int(port)

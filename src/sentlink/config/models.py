@@ -145,6 +145,8 @@ class WatchConfig:
 @dataclass(frozen=True)
 class SelfSentConfig:
     require: Literal["none", "trace", "dkim"] = "none"
+    dns_servers: tuple[str, ...] = ()
+    dkim_max_bytes: int = 10485760
 
 
 @dataclass(frozen=True)

@@ -182,15 +182,10 @@ class MessageHandler:
         """What reads and judges files for this handler (picklable: see watch/prepare.py)."""
         return self._preparer
 
-    def decide(
-        self, account: AccountConfig, folder: str, headers: HeaderBlock
-    ) -> tuple[Decision, MessageFacts]:
-        return self._preparer.decide(account, folder, headers)
-
     def explain(self, account: AccountConfig, folder: str, path: Path) -> Plan:
         """What :meth:`handle` would do with ``path``, changing nothing."""
         headers = self._preparer.read(path)
-        decision, _facts = self.decide(account, folder, headers)
+        decision, _facts = self._preparer.decide(account, folder, headers, path)
         target = decision.move or folder
         _info, _links, result = self._linker.plan(
             account, target, split_uniq(path.name), "", headers, direction_of(account, target)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sentlink.config.listen import parse_dns_server
 from sentlink.config.models import Config
 from sentlink.errors import ConfigError
 from sentlink.headers import DEFAULT_MAX_HEADER_BYTES
+from sentlink.watch.dkim_proof import DEFAULT_MAX_BYTES
 from sentlink.watch.duplicates import KeepPolicy
 from sentlink.watch.rules import RuleSet
 
@@ -20,11 +22,19 @@ class WatchPolicy:
     keep: KeepPolicy = "client"
     secret: bytes | None = None
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    dns_servers: tuple[str, ...] = ()
+    dkim_max_bytes: int = DEFAULT_MAX_BYTES
 
     @classmethod
     def from_config(cls, config: Config, secret: bytes | None) -> WatchPolicy:
-        if config.self_sent.require == "dkim":
-            raise ConfigError(["self_sent.require: dkim is not supported yet (use none or trace)"])
+        problems = []
+        for server in config.self_sent.dns_servers:
+            try:
+                parse_dns_server(server)
+            except ValueError as exc:
+                problems.append(f"self_sent.dns_servers: {exc}")
+        if problems:
+            raise ConfigError(problems)
         return cls(
             rules=RuleSet.compile(config.watch.rules),
             self_sent_require=config.self_sent.require,
@@ -33,4 +43,6 @@ class WatchPolicy:
             max_header_bytes=(
                 config.milter.max_header_bytes if config.milter else DEFAULT_MAX_HEADER_BYTES
             ),
+            dns_servers=config.self_sent.dns_servers,
+            dkim_max_bytes=config.self_sent.dkim_max_bytes,
         )

@@ -22,8 +22,15 @@ from sentlink.linker import Draft, LinkFilter
 from sentlink.maildir.names import merge_flags
 from sentlink.model import Direction
 from sentlink.trace import TRACE_HEADER
+from sentlink.watch.dkim_proof import DkimPending, DkimVerifier
 from sentlink.watch.policy import WatchPolicy
-from sentlink.watch.rules import Decision, MessageFacts, own_addresses, self_sent_reason
+from sentlink.watch.rules import (
+    Decision,
+    MessageFacts,
+    needs_dkim,
+    own_addresses,
+    self_sent_reason,
+)
 
 
 def direction_of(account: AccountConfig, folder: str) -> Direction:
@@ -60,9 +67,10 @@ class Preparer:
         self._policy = policy
         self._filter = link_filter
         self._own: dict[str, frozenset[str]] = {}
+        self._dkim: DkimVerifier | None = None
 
     def __getstate__(self) -> dict[str, object]:
-        return {"_policy": self._policy, "_filter": self._filter, "_own": {}}
+        return {"_policy": self._policy, "_filter": self._filter, "_own": {}, "_dkim": None}
 
     def read(self, path: Path) -> HeaderBlock:
         return read_headers(path, self._policy.max_header_bytes)
@@ -71,7 +79,7 @@ class Preparer:
         """Read and judge ``path`` in ``folder``. Raises OSError (FileNotFoundError when it
         vanished) like reading it does."""
         headers = self.read(path)
-        decision, _facts = self.decide(account, folder, headers)
+        decision, _facts = self.decide(account, folder, headers, path)
         target = decision.move or folder
         draft = self._filter.draft(account.name, headers, direction_of(account, target))
         return Prepared(headers, decision, draft)
@@ -80,16 +88,28 @@ class Preparer:
         return MessageFacts(headers, self._policy.secret)
 
     def decide(
-        self, account: AccountConfig, folder: str, headers: HeaderBlock
+        self,
+        account: AccountConfig,
+        folder: str,
+        headers: HeaderBlock,
+        path: Path | None = None,
     ) -> tuple[Decision, MessageFacts]:
-        """User rules, then in INBOX the built-in self-sent rule."""
+        """User rules, then in INBOX the built-in self-sent rule (with ``self_sent.require:
+        dkim``, its DKIM check reads the whole file at ``path``; without a path, no move).
+
+        Raises DkimPending when the DKIM key lookup failed for now: the file is left as it is
+        and judged again at the next rescan."""
         policy = self._policy
         facts = MessageFacts(headers, policy.secret)
         decision = policy.rules.decide(facts)
         if decision.move is None and folder.upper() == "INBOX":
-            why = self_sent_reason(
-                facts, account.name, self._own_of(account), policy.self_sent_require
-            )
+            own = self._own_of(account)
+            require = policy.self_sent_require
+            why = self_sent_reason(facts, account.name, own, require)
+            if why is None and needs_dkim(facts, account.name, own, require):
+                why, note = self._dkim_reason(facts, path)
+                if note:
+                    decision = replace(decision, reasons=(*decision.reasons, note))
             if why is not None:
                 decision = replace(
                     decision,
@@ -100,6 +120,24 @@ class Preparer:
         if decision.move is not None and decision.move == folder:
             decision = replace(decision, move=None)
         return decision, facts
+
+    def _dkim_reason(self, facts: MessageFacts, path: Path | None) -> tuple[str | None, str]:
+        """(the self-sent reason, or None with a note on why DKIM did not prove it)."""
+        if path is None:
+            return None, "From is the account's, DKIM not checked"
+        if self._dkim is None:
+            self._dkim = DkimVerifier(
+                self._policy.dns_servers, max_bytes=self._policy.dkim_max_bytes
+            )
+        with path.open("rb") as f:
+            message = f.read(self._policy.dkim_max_bytes + 1)
+        domain = facts.from_[0].rpartition("@")[2]
+        proof = self._dkim.check(message, domain)
+        if proof.verified:
+            return f"self-sent (From is the account's, DKIM d={proof.domain})", ""
+        if proof.temporary:
+            raise DkimPending(f"DKIM check postponed to the next rescan: {proof.reason}")
+        return None, f"From is the account's, no DKIM proof: {proof.reason}"
 
     def _own_of(self, account: AccountConfig) -> frozenset[str]:
         own = self._own.get(account.name)

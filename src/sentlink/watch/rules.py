@@ -171,7 +171,8 @@ def own_addresses(account: AccountConfig) -> frozenset[str]:
 def self_sent_reason(
     facts: MessageFacts, account: str, own: frozenset[str], require: SelfSentRequire
 ) -> str | None:
-    """Why a message in INBOX is the account's own sent mail, or None when it is not.
+    """Why a message in INBOX is the account's own sent mail, or None when it is not (or, for
+    ``require: dkim``, not without the DKIM proof the caller checks: see ``needs_dkim``).
 
     Self-sent: From is one of the account's addresses (``own``, normalized) and at least one
     To/Cc address is not (a note to self stays in INBOX), or a valid trace header of this
@@ -180,13 +181,23 @@ def self_sent_reason(
     """
     if facts.trace_account == account:
         return "self-sent (trace header)"
-    if require != "none":
-        return None
-    if not facts.from_ or not all(a in own for a in facts.from_):
-        return None
-    if any(a not in own for a in facts.to + facts.cc):
+    if require == "none" and from_rule(facts, own):
         return "self-sent (From is the account's)"
     return None
+
+
+def from_rule(facts: MessageFacts, own: frozenset[str]) -> bool:
+    """From is the account's and some To/Cc recipient is not."""
+    if not facts.from_ or not all(a in own for a in facts.from_):
+        return False
+    return any(a not in own for a in facts.to + facts.cc)
+
+
+def needs_dkim(
+    facts: MessageFacts, account: str, own: frozenset[str], require: SelfSentRequire
+) -> bool:
+    """``require: dkim``, and only a DKIM signature can still make this message self-sent."""
+    return require == "dkim" and facts.trace_account != account and from_rule(facts, own)
 
 
 # The common plain form of one mailbox: an unquoted display name of letters, digits, spaces,
