@@ -292,6 +292,32 @@ def test_second_file_with_the_same_message_id_is_not_linked_again(
     assert len(linked(store, "m1@x")) == 1
 
 
+def test_a_later_copy_adds_the_bcc_links_the_first_copy_lacked(
+    tmp_path: Path, store: Store
+) -> None:
+    # The client's own copy has no Bcc; the capture copy, indexed after it, lists the envelope's.
+    client = deliver(tmp_path, headers("m1@x", to="bob@customer.test"))
+    assert link(tmp_path, store, client).status == "linked"
+    ours = deliver(tmp_path, headers("m1@x", to="bob@customer.test", bcc="dan@customer.test"))
+    assert link(tmp_path, store, ours).status == "already"
+    assert linked(store, "m1@x") == [
+        ("c1", "bob@customer.test", "to", "address"),
+        ("c3", "dan@customer.test", "bcc", "address"),
+    ]
+    # A third copy names nobody new: nothing changes.
+    third = deliver(tmp_path, headers("m1@x", to="bob@customer.test", bcc="dan@customer.test"))
+    assert link(tmp_path, store, third).status == "already"
+    assert len(linked(store, "m1@x")) == 2
+
+
+def test_another_copy_adds_no_links_to_a_private_message(tmp_path: Path, store: Store) -> None:
+    private = deliver(tmp_path, headers("m1@x", to="bob@customer.test", extra="X-CRM-Private: yes"))
+    assert link(tmp_path, store, private).status == "skipped"
+    other = deliver(tmp_path, headers("m1@x", to="bob@customer.test", bcc="dan@customer.test"))
+    link(tmp_path, store, other)
+    assert linked(store, "m1@x") == []
+
+
 def test_received_mail_links_from_and_cc(tmp_path: Path, store: Store) -> None:
     text = "\n".join(
         [

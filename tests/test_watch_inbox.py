@@ -265,6 +265,31 @@ def test_a_dns_server_that_is_not_an_address_is_refused_with_its_position(
     assert problem.startswith("test.yaml:11:17: self_sent.dns_servers[0]: 'ns.example.test'")
 
 
+def test_the_bcc_links_of_our_deleted_duplicate_stay_with_the_clients_copy(
+    tmp_path: Path, store: Store
+) -> None:
+    (tmp_path / "site.secret").write_bytes(SECRET)
+    (tmp_path / "site.secret").chmod(0o600)
+    config = make_config(tmp_path, "hooks: [{name: crm, type: command, path: /bin/true}]")
+    store.upsert_record(Record("contact", "c-carol", "Carol", ("carol@customer.test",)))
+    box = tmp_path / "alice"
+    # The client saved its own copy first (IMAP APPEND, no Bcc header)...
+    client = drop(box, "Sent", mail("dup@x", frm=ALICE, to="bob@customer.test"), flags="S")
+    assert reconcile(config, store)["linked"] == 1
+    # ...then our capture copy, which lists the envelope's Bcc recipient, is filed.
+    trace = sign(SECRET, "alice", "<dup@x>", 1_700_000_000)
+    extra = f"Bcc: carol@customer.test\n{TRACE_HEADER}: {trace}\n"
+    drop(box, "Sent", mail("dup@x", frm=ALICE, to="bob@customer.test", extra=extra), flags="S")
+    summary = reconcile(config, store)
+    assert summary["duplicates_removed"] == 1
+    assert [p.name for p in files(box, "Sent")] == [client.name]
+    rows = sorted((r["record"]["id"], r["role"], r["file"]) for r in store.query_links())
+    client_file = str(client.relative_to(box))
+    assert rows == [("c-bob", "to", client_file), ("c-carol", "bcc", client_file)]
+    pending = list(store.outbox_rows({"pending"}))
+    assert len(pending) == 2  # message.linked for bob, then one for carol alone
+
+
 def test_our_duplicate_copy_is_deleted_and_the_clients_copy_stays_visible(
     config: Config, store: Store, tmp_path: Path
 ) -> None:

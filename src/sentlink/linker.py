@@ -280,6 +280,8 @@ class Linker:
             log.warning("account=%s file=%s cannot read: %s", account.name, file, exc)
             return LinkResult("error", f"cannot read: {exc.strerror or exc}")
         if not saved:
+            if result.status == "linked":
+                self.add_missing_links(info, links, headers, path)
             return LinkResult("already", "message-id already indexed", 0, info.message_id)
         if result.status == "linked":
             log.info(
@@ -314,6 +316,39 @@ class Linker:
         read for the event's facts (size, attachment names)."""
         r = self.request(info, links, result, headers, path)
         return self._store.save_message(r.info, r.links, r.events, r.unmatched, r.new_records)
+
+    def add_missing_links(
+        self, info: MessageInfo, links: Sequence[Link], headers: HeaderBlock, path: Path
+    ) -> int:
+        """Links of another copy of an indexed message that the message lacks, added with a
+        ``message.linked`` event for them alone; how many were added.
+
+        The copies of one message name the same people except for Bcc: our capture copy lists
+        the envelope's Bcc recipients, which a client's own copy may not. Whichever copy was
+        indexed first, the message ends up linked to everyone. Raises OSError when the file
+        cannot be read for the event's facts."""
+        if not info.message_id or not links:
+            return 0
+        have = {
+            (r.kind, r.id)
+            for r in self._store.linked_records_for_message_ids(info.account, [info.message_id])
+        }
+        missing = [ln for ln in links if (ln.record.kind, ln.record.id) not in have]
+        if not missing:
+            return 0
+        result = LinkResult("linked", "", len(missing), info.message_id)
+        added = self._store.add_links(
+            info, missing, self._events(info, missing, result, headers, path)
+        )
+        if added:
+            log.info(
+                "account=%s message_id=%s %d more records linked from another copy file=%s",
+                info.account,
+                info.message_id,
+                added,
+                info.file,
+            )
+        return added
 
     def request(
         self,

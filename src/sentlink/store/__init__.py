@@ -272,6 +272,13 @@ class Store(Protocol):
     ) -> list[Record]:
         """Records linked to any of these messages of the account (thread continuity)."""
 
+    def add_links(
+        self, info: MessageInfo, links: Sequence[Link], events: Sequence[NewEvent] = ()
+    ) -> int:
+        """Add ``links`` found in another copy of an indexed message (same account and
+        Message-ID, same direction, not private) with their events, in one transaction;
+        returns how many links were new. Nothing is added when no such message is indexed."""
+
     def query_links(
         self,
         account: str | None = None,

@@ -436,6 +436,38 @@ class SqlStore(ABC):
             [(pk, hook, event.created_at, event.created_at) for hook in event.hooks],
         )
 
+    def add_links(
+        self, info: MessageInfo, links: Sequence[Link], events: Sequence[NewEvent] = ()
+    ) -> int:
+        if not info.message_id or not links:
+            return 0
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT pk FROM messages WHERE account = ? AND message_id = ?"
+                " AND message_id <> '' AND direction = ? AND private = 0",
+                (info.account, info.message_id, info.direction),
+            ).fetchone()
+            if row is None:
+                return 0
+            pk = int(row[0])
+            have = {
+                (k, r)
+                for k, r in conn.execute(
+                    "SELECT kind, record_id FROM links WHERE message_pk = ?", (pk,)
+                )
+            }
+            new = [ln for ln in links if (ln.record.kind, ln.record.id) not in have]
+            if not new:
+                return 0
+            conn.executemany(
+                "INSERT INTO links (message_pk, kind, record_id, email, role, via)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                [(pk, ln.record.kind, ln.record.id, ln.email, ln.role, ln.via) for ln in new],
+            )
+            for event in events:
+                self._insert_event(conn, event)
+            return len(new)
+
     def linked_records_for_message_ids(
         self, account: str, message_ids: Sequence[str]
     ) -> list[Record]:

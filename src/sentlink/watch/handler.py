@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -263,7 +263,19 @@ class MessageHandler:
         trashed = 0
         forget: list[KnownFile] = []
         if direction == "sent" and info.message_id:
-            kept, forget, trashed = self._deduplicate(account, folder, path, facts, info.message_id)
+
+            def merge_links(survivor: KnownFile) -> None:
+                # This copy goes, the indexed one stays: keep what only this one names (the
+                # Bcc recipients of our capture copy), under the surviving copy's name.
+                if result.status == "linked":
+                    kept_info = replace(
+                        info, uniq=survivor.uniq, folder=survivor.folder, file=survivor.file
+                    )
+                    self._linker.add_missing_links(kept_info, links, headers, path)
+
+            kept, forget, trashed = self._deduplicate(
+                account, folder, path, facts, info.message_id, merge_links
+            )
             if kept is None:
                 self._flush_forget_later(account.name, folder, [], forget)
                 return Outcome("duplicate", folder, moved, removed=1 + len(forget), trashed=trashed)
@@ -286,6 +298,9 @@ class MessageHandler:
         """The outcome of a staged message, once ``Linker.save`` answered ``saved``."""
         info, result = staged.info, staged.result
         status = result.status if saved else "already"
+        if not saved and result.status == "linked":
+            # Another copy was indexed first; this one may name more records (its Bcc).
+            self._linker.add_missing_links(info, staged.links, staged.headers, staged.path)
         if saved and result.status == "linked":
             log.info(
                 "account=%s message_id=%s linked records=%d file=%s",
@@ -306,11 +321,13 @@ class MessageHandler:
         path: Path,
         facts: MessageFacts,
         message_id: str,
+        before_delete: Callable[[KnownFile], None],
     ) -> tuple[Path | None, list[KnownFile], int]:
         """Reduce the copies of ``message_id`` in Sent to one visible copy.
 
         Returns the new file's path (None when it was deleted as a duplicate), the indexed
-        copies deleted, and how many copies were flagged T.
+        copies deleted, and how many copies were flagged T. ``before_delete`` gets an indexed
+        copy that stays when the new file is about to be deleted.
         """
         uniq = split_uniq(path.name)
         others: list[tuple[KnownFile, Path]] = []
@@ -337,6 +354,11 @@ class MessageHandler:
         by_path = {p: k for k, p in same}
         forget: list[KnownFile] = []
         kept: Path | None = path
+        if any(copy.new for copy in resolution.delete):
+            gone = {copy.path for copy in resolution.delete}
+            survivor = next((k for k, p in same if p not in gone), None)
+            if survivor is not None:
+                before_delete(survivor)
         for copy in resolution.delete:
             os.unlink(copy.path)
             log.info(
