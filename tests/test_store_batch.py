@@ -298,3 +298,40 @@ def test_records_answers_follow_another_connections_import_within_a_batch(
         assert watcher.records_by_email("dana@newco.test") == [dana]
         assert save(watcher, "b")
         assert watcher.records_by_email("dana@newco.test") == [dana]
+
+
+def test_records_looked_up_together_answer_as_one_by_one(stores: Callable[[], Store]) -> None:
+    store = stores()
+    shared = Record("lead", "l9", "Shared", ("bob@customer.test", "b.shared@customer.test"))
+    two = Record("contact", "c7", "Two", ("two@customer.test", "bob.two@customer.test"))
+    store.upsert_records([BOB, shared, two])
+    emails = ["bob@customer.test", "two@customer.test", "bob.two@customer.test", "nobody@x.test"]
+    expected = {e: store.records_by_email(e) for e in emails}
+    assert [r.kind for r in expected["bob@customer.test"]] == ["contact", "lead"]
+    with store.batch():
+        store.prime_records(emails)
+        primed = {e: store.records_by_email(e) for e in emails}
+        # The primed answers follow another connection's import like any other.
+        stores().upsert_record(Record("contact", "c8", "Late", ("nobody@x.test",)))
+        assert [r.id for r in store.records_by_email("nobody@x.test")] == ["c8"]
+    assert primed == expected
+
+
+def test_primed_records_are_answered_from_the_batch_transaction(pg_cluster: PgCluster) -> None:
+    # PostgreSQL: another connection can commit while the batch's transaction is open (with
+    # SQLite the batch holds the write lock, so nobody can).
+    url = pg_cluster.create_database(f"batch{next(_names)}")
+    store, importer = open_store(url), open_store(url)
+    try:
+        store.upsert_record(BOB)
+        with store.batch(max_writes=100):
+            assert save(store, "a")  # the batch's transaction is open from here on
+            store.prime_records(["late@x.test"])
+            importer.upsert_record(Record("contact", "c8", "Late", ("late@x.test",)))
+            # Looked up once for the whole chunk and kept for the transaction: the import
+            # committed meanwhile is seen from the next transaction on.
+            assert store.records_by_email("late@x.test") == []
+        assert [r.id for r in store.records_by_email("late@x.test")] == ["c8"]
+    finally:
+        store.close()
+        importer.close()

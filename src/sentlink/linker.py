@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC
 from email.errors import HeaderParseError
@@ -496,6 +496,14 @@ class Linker:
         forms = ", ".join(self._filter.forms(email))
         rule = "contact-first" if self._contact_first else "all"
         return f"address match on {forms} (multiple_match: {rule})", records
+
+    def prime(self, drafts: Iterable[Draft]) -> None:
+        """Look up the records of these drafts' candidates together (inside a store batch),
+        rather than one address at a time as each message is planned."""
+        forms = self._filter.forms
+        self._store.prime_records(
+            {form for d in drafts for p in d.candidates for form in forms(p.email)}
+        )
 
     def matching_records(self, email: str) -> list[Record]:
         """Records an address links to (normalized forms, ``multiple_match`` applied)."""

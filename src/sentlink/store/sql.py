@@ -28,7 +28,7 @@ from sentlink.store import (
     StoreError,
     UnmatchedRow,
 )
-from sentlink.store.batch import Finish, WriteBatch
+from sentlink.store.batch import MAX_CACHED_ADDRESSES, Finish, WriteBatch
 
 log = logging.getLogger("sentlink.store")
 
@@ -61,6 +61,22 @@ def iso(ts: float | None) -> str:
 def chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
     for start in range(0, len(items), _CHUNK):
         yield items[start : start + _CHUNK]
+
+
+def _records_from_rows(rows: Iterable[Sequence[Any]]) -> list[Record]:
+    """(kind, id, name, email) rows, ordered by record then address position -> records,
+    contacts first, then by id."""
+    emails: dict[tuple[str, str], list[str]] = {}
+    names: dict[tuple[str, str], str] = {}
+    for kind, rid, name, address in rows:
+        names[(kind, rid)] = name
+        emails.setdefault((kind, rid), []).append(address)
+    records = [
+        Record(cast(RecordKind, kind), rid, names[(kind, rid)], tuple(addresses))
+        for (kind, rid), addresses in emails.items()
+    ]
+    records.sort(key=lambda r: (r.kind != "contact", r.id))
+    return records
 
 
 class SqlStore(ABC):
@@ -240,6 +256,29 @@ class SqlStore(ABC):
             batch.records_version = version
         return batch
 
+    def prime_records(self, emails: Collection[str]) -> None:
+        batch = self._records_cache()
+        if batch is None:
+            return
+        wanted = sorted({e for e in emails if e and e not in batch.records})
+        if not wanted or len(batch.records) + len(wanted) > MAX_CACHED_ADDRESSES:
+            return
+        found: dict[str, list[tuple[str, str, str, str]]] = {e: [] for e in wanted}
+        with self._read() as conn:
+            for chunk in chunks(wanted):
+                rows = conn.execute(
+                    "SELECT m.email, r.kind, r.id, r.name, e.email FROM record_emails m"
+                    " JOIN records r ON r.kind = m.kind AND r.id = m.id"
+                    " JOIN record_emails e ON e.kind = m.kind AND e.id = m.id"
+                    f" WHERE m.email IN ({', '.join('?' * len(chunk))})"
+                    " ORDER BY m.email, r.kind, r.id, e.position",
+                    list(chunk),
+                ).fetchall()
+                for email, *rest in rows:
+                    found[email].append((rest[0], rest[1], rest[2], rest[3]))
+        for email, rows in found.items():
+            batch.remember(email, _records_from_rows(rows))
+
     def _records_by_email(self, email: str) -> list[Record]:
         # One query for the records and all their addresses: this runs for every participant.
         with self._read() as conn:
@@ -250,17 +289,7 @@ class SqlStore(ABC):
                 " WHERE m.email = ? ORDER BY r.kind, r.id, e.position",
                 (email,),
             ).fetchall()
-        emails: dict[tuple[str, str], list[str]] = {}
-        names: dict[tuple[str, str], str] = {}
-        for kind, rid, name, address in rows:
-            names[(kind, rid)] = name
-            emails.setdefault((kind, rid), []).append(address)
-        records = [
-            Record(cast(RecordKind, kind), rid, names[(kind, rid)], tuple(addresses))
-            for (kind, rid), addresses in emails.items()
-        ]
-        records.sort(key=lambda r: (r.kind != "contact", r.id))
-        return records
+        return _records_from_rows(rows)
 
     @staticmethod
     def _load_records(conn: Connection, keys: Iterable[tuple[str, str]]) -> list[Record]:

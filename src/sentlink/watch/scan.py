@@ -10,7 +10,7 @@ import logging
 import multiprocessing
 import os
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,7 +19,7 @@ from typing import TypeVar
 
 from sentlink.config.models import AccountConfig, Config
 from sentlink.errors import CaptureError
-from sentlink.linker import Linker
+from sentlink.linker import Draft, Linker
 from sentlink.maildir import folder_path, list_messages, split_uniq
 from sentlink.model import Direction
 from sentlink.store import SaveRequest, Store
@@ -230,7 +230,9 @@ def scan_folders(
                     else pending_files(store, ref, handler.known)
                 )
                 parallel = len(paths) >= parallel_from
-                steps = _pipeline(pool, workers if parallel else None, handler.preparer, ref, paths)
+                steps = _pipeline(
+                    pool, workers if parallel else None, handler.preparer, ref, paths, linker.prime
+                )
                 if parallel:
                     _handle_in_groups(handler, ref, steps, summary, progress)
                     continue
@@ -370,6 +372,7 @@ def _pipeline(
     preparer: Preparer,
     ref: FolderRef,
     paths: Sequence[Path],
+    prime: Callable[[Iterable[Draft]], None],
 ) -> Iterator[tuple[Path, Prepared | None]]:
     """``paths`` in order, each with what the worker prepared for it (None: not prepared).
 
@@ -377,6 +380,7 @@ def _pipeline(
     chunks ahead of the worker: with a cold cache each file costs disk reads (its inode, then
     its first block) that would otherwise stall whoever reads it first. Threads blocked in
     os.open/os.read do not hold the GIL, so that waiting overlaps the parsing of earlier files.
+    ``prime`` gets each prepared chunk's drafts first: their records are looked up together.
     """
     chunks = [paths[i : i + _CHUNK] for i in range(0, len(paths), _CHUNK)]
     jobs: deque[Future[list[Prepared | None]] | None] = deque()
@@ -393,7 +397,9 @@ def _pipeline(
         while submitted < len(chunks) and submitted <= index + _PREPARE_AHEAD:
             jobs.append(workers.submit(preparer, ref, chunks[submitted]))
             submitted += 1
-        yield from zip(chunk, workers.results(jobs.popleft(), len(chunk)), strict=True)
+        results = workers.results(jobs.popleft(), len(chunk))
+        prime(p.draft for p in results if p is not None)
+        yield from zip(chunk, results, strict=True)
 
 
 def _warm(paths: Sequence[Path]) -> None:
