@@ -262,6 +262,24 @@ def test_a_batch_saves_its_outcomes_together_and_a_slow_batch_every_second(
     assert list(store.outbox_rows({"pending"})) == []
 
 
+def test_outcomes_are_saved_before_the_lease_of_the_rest_is_renewed(store: Store) -> None:
+    # With a lease shorter than a delivery may take, the worker renews the lease of the rest
+    # before each delivery; the events delivered so far are saved first, so none of them is
+    # left pending under an old lease that another worker could claim after it ran out.
+    for i in range(3):
+        save(store, f"e{i}", (f"contact:c{i}",))
+    done_before: list[int] = []
+
+    class Counting(Recorder):
+        def deliver(self, ev: Event) -> Result:
+            done_before.append(len(list(store.outbox_rows({"done"}))))
+            return super().deliver(ev)
+
+    w, runner = worker(store, Counting(), lease_seconds=3)
+    assert w.deliver_batch(runner) == 3
+    assert done_before == [0, 1, 2]
+
+
 def test_outcomes_delivered_before_a_store_failure_are_still_saved(store: Store) -> None:
     for i in range(3):
         save(store, f"e{i}", (f"contact:c{i}",))

@@ -147,6 +147,10 @@ class OutboxWorker:
                     self._store.extend_lease(name, self.owner, rest, 0.0)
                     break
                 if time.time() + runner.timeout + _LEASE_MARGIN > lease_end:
+                    # Outcomes not saved yet hold the old lease only: save them first, so no
+                    # delivered event's lease can run out and let another worker send it again.
+                    self._store.finish_deliveries(name, attempts)
+                    attempts, saved_at = [], time.time()
                     lease_end = time.time() + lease
                     rest = [d.event_pk for d in claimed[index:]]
                     self._store.extend_lease(name, self.owner, rest, lease_end)
