@@ -120,3 +120,17 @@ def test_dns_servers_are_ip_addresses_with_an_optional_port(
 def test_bad_dns_servers_are_refused(text: str) -> None:
     with pytest.raises(ValueError):
         parse_dns_server(text)
+
+
+def test_a_signature_this_host_cannot_check_is_no_proof(key: tuple[bytes, str]) -> None:
+    # ed25519 needs PyNaCl, which is not installed: such a signature proves nothing here (and
+    # is not retried as if DNS had failed).
+    ed_key = "v=DKIM1; k=ed25519; p=11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo="
+    header = (
+        b"DKIM-Signature: v=1; a=ed25519-sha256; c=relaxed/simple; d=example.test; s=ed;"
+        b" h=from:to:subject; bh=frcCV1k9oG9oKj3dpUqdJg1PxRT2RSN/XKdLCPjaYaY=;"
+        b" b=Tm90IGEgcmVhbCBzaWduYXR1cmU=\r\n"
+    )
+    with TxtServer({"ed._domainkey.example.test": ed_key}) as server:
+        proof = verifier(server).check(header + MESSAGE, "example.test")
+    assert not proof.verified and not proof.temporary and proof.reason.startswith("d=example.test")

@@ -88,7 +88,7 @@ class DkimVerifier:
             return DkimProof(False, reason=f"larger than {self.max_bytes} bytes: not verified")
         try:
             signer = dkim.DKIM(message, timeout=int(self._timeout))
-        except dkim.DKIMException as exc:
+        except Exception as exc:  # a message dkimpy cannot take is no proof, never a crash
             return DkimProof(False, reason=f"unparsable message: {exc}")
         signatures = [v for n, v in signer.headers if n.lower() == b"dkim-signature"]
         if not signatures:
@@ -112,7 +112,7 @@ class DkimVerifier:
             except TemporaryDnsError as exc:
                 temporary = True
                 reasons.append(f"d={domain}: key lookup failed: {exc}")
-            except dkim.DKIMException as exc:
+            except Exception as exc:  # DKIMException, and e.g. ed25519 without PyNaCl
                 reasons.append(f"d={domain}: {exc}")
         return DkimProof(False, reason="; ".join(reasons), temporary=temporary)
 
