@@ -14,7 +14,7 @@ import pytest
 from pg import PgCluster, running_cluster
 from sentlink.errors import StoreError
 from sentlink.model import Link, MessageInfo, Participant, Record
-from sentlink.store import IndexedFile, NewEvent, SaveRequest, Store, open_store
+from sentlink.store import IndexedFile, NewEvent, SaveRequest, Store, open_store, sql
 
 BOB = Record("contact", "c1", "Bob", ("bob@customer.test",))
 _names = itertools.count()
@@ -300,7 +300,12 @@ def test_records_answers_follow_another_connections_import_within_a_batch(
         assert watcher.records_by_email("dana@newco.test") == [dana]
 
 
-def test_records_looked_up_together_answer_as_one_by_one(stores: Callable[[], Store]) -> None:
+@pytest.mark.parametrize("whole", [True, False], ids=["crm-loaded-whole", "per-chunk"])
+def test_records_looked_up_together_answer_as_one_by_one(
+    stores: Callable[[], Store], whole: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not whole:  # a CRM above the size that is loaded whole
+        monkeypatch.setattr(sql, "PRELOAD_ADDRESSES", 0)
     store = stores()
     shared = Record("lead", "l9", "Shared", ("bob@customer.test", "b.shared@customer.test"))
     two = Record("contact", "c7", "Two", ("two@customer.test", "bob.two@customer.test"))

@@ -502,7 +502,7 @@ class Linker:
         rather than one address at a time as each message is planned."""
         forms = self._filter.forms
         self._store.prime_records(
-            {form for d in drafts for p in d.candidates for form in forms(p.email)}
+            form for d in drafts for p in d.candidates for form in forms(p.email)
         )
 
     def matching_records(self, email: str) -> list[Record]:

@@ -151,10 +151,11 @@ class Store(Protocol):
     def records_by_email(self, email: str) -> list[Record]:
         """Records having this (normalized) address, contacts first, then by id."""
 
-    def prime_records(self, emails: Collection[str]) -> None:
-        """Inside ``batch()``: look these addresses up together now, so the
-        ``records_by_email`` calls that follow are answered from the batch's cache. Outside a
-        batch it does nothing."""
+    def prime_records(self, emails: Iterable[str]) -> None:
+        """Inside ``batch()``: look these addresses up together now (or, for a CRM of up to
+        50,000 addresses, every address at once), so the ``records_by_email`` calls that follow
+        are answered from the batch's cache. Outside a batch it does nothing; ``emails`` is
+        only iterated when it is needed."""
 
     def has_message(self, account: str, uniq: str) -> bool:
         """Whether the file with this Maildir unique name is already indexed."""

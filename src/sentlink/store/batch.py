@@ -54,6 +54,10 @@ class WriteBatch:
     # max_seconds later. Cleared whenever this thread writes records or rolls back.
     records: dict[str, list[Record]] = field(default_factory=dict)
     records_version: object = None
+    # ``records`` holds every address of every record (a small CRM loaded whole, see
+    # SqlStore.prime_records): an address not in it has no record.
+    records_complete: bool = False
+    full_loads: int = 0  # whole loads so far; a batch whose loads keep going stale stops
 
     def begin(self, conn: Connection, finish: Finish, records_version: object = None) -> None:
         self.conn, self.finish = conn, finish
@@ -61,14 +65,24 @@ class WriteBatch:
         self.transactions += 1
         self.started = time.monotonic()
         if records_version is None or records_version != self.records_version:
-            self.records.clear()
+            self._clear_records()
         self.records_version = records_version
 
     def remember(self, email: str, records: list[Record]) -> None:
         # A bound on memory: a mailbox may have hundreds of thousands of correspondents.
         if len(self.records) >= MAX_CACHED_ADDRESSES:
-            self.records.clear()
+            self._clear_records()
         self.records[email] = records
+
+    def load_all(self, records: dict[str, list[Record]]) -> None:
+        """Every address there is, with its records (SqlStore.prime_records)."""
+        self.records = records
+        self.records_complete = True
+        self.full_loads += 1
+
+    def _clear_records(self) -> None:
+        self.records = {}
+        self.records_complete = False
 
     def due(self) -> bool:
         return self.writes >= self.max_writes or time.monotonic() - self.started >= self.max_seconds
@@ -96,5 +110,5 @@ class WriteBatch:
 
     def forget_records(self) -> None:
         """Drop the cached answers (records written, or rows they came from rolled back)."""
-        self.records.clear()
+        self._clear_records()
         self.records_version = None

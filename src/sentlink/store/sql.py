@@ -63,6 +63,14 @@ def chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
         yield items[start : start + _CHUNK]
 
 
+# A CRM with at most this many addresses is loaded whole for a reconcile (prime_records): a few
+# MB of memory; lookups then cost a dictionary hit instead of a query.
+PRELOAD_ADDRESSES = 50_000
+# Whole loads per batch: one that other connections' commits keep making stale (records are
+# dropped on any commit elsewhere, SQLite's data_version) falls back to lookups per chunk.
+_FULL_LOADS = 2
+
+
 def _records_from_rows(rows: Iterable[Sequence[Any]]) -> list[Record]:
     """(kind, id, name, email) rows, ordered by record then address position -> records,
     contacts first, then by id."""
@@ -233,8 +241,12 @@ class SqlStore(ABC):
 
     def records_by_email(self, email: str) -> list[Record]:
         batch = self._records_cache()
-        if batch is not None and email in batch.records:
-            return list(batch.records[email])
+        if batch is not None:
+            cached = batch.records.get(email)
+            if cached is not None:
+                return list(cached)
+            if batch.records_complete:
+                return []
         records = self._records_by_email(email)
         if batch is not None:
             batch.remember(email, list(records))
@@ -256,9 +268,11 @@ class SqlStore(ABC):
             batch.records_version = version
         return batch
 
-    def prime_records(self, emails: Collection[str]) -> None:
+    def prime_records(self, emails: Iterable[str]) -> None:
         batch = self._records_cache()
-        if batch is None:
+        if batch is None or batch.records_complete:
+            return  # ``emails`` is not even iterated
+        if batch.full_loads < _FULL_LOADS and self._load_all_records(batch):
             return
         wanted = sorted({e for e in emails if e and e not in batch.records})
         if not wanted or len(batch.records) + len(wanted) > MAX_CACHED_ADDRESSES:
@@ -278,6 +292,26 @@ class SqlStore(ABC):
                     found[email].append((rest[0], rest[1], rest[2], rest[3]))
         for email, rows in found.items():
             batch.remember(email, _records_from_rows(rows))
+
+    def _load_all_records(self, batch: WriteBatch) -> bool:
+        """A CRM of up to PRELOAD_ADDRESSES addresses is read whole into the batch's cache: one
+        query, then every lookup of the batch is a dictionary hit (false when it is larger)."""
+        found: dict[str, list[tuple[str, str, str, str]]] = {}
+        with self._read() as conn:
+            (count,) = conn.execute("SELECT count(*) FROM record_emails").fetchone()
+            if int(count) > PRELOAD_ADDRESSES:
+                batch.full_loads = _FULL_LOADS  # not again in this batch
+                return False
+            rows = conn.execute(
+                "SELECT m.email, r.kind, r.id, r.name, e.email FROM record_emails m"
+                " JOIN records r ON r.kind = m.kind AND r.id = m.id"
+                " JOIN record_emails e ON e.kind = m.kind AND e.id = m.id"
+                " ORDER BY m.email, r.kind, r.id, e.position"
+            ).fetchall()
+        for email, *rest in rows:
+            found.setdefault(email, []).append((rest[0], rest[1], rest[2], rest[3]))
+        batch.load_all({email: _records_from_rows(r) for email, r in found.items()})
+        return True
 
     def _records_by_email(self, email: str) -> list[Record]:
         # One query for the records and all their addresses: this runs for every participant.
