@@ -3,6 +3,7 @@ only index rows, and the next reconcile puts every message where it belongs, ind
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 from sentlink.config.models import Config
 from sentlink.store import open_store
 from sentlink.watch.oneshot import Reconcile
+from sentlink.watch.scan import GC_GEN0, fewer_gc_passes
 from test_watch_inbox import ALICE, SECRET, drop, files, mail, make_config
 
 # Reconciles the mailbox with batches of 10 writes and dies on the 25th message it saves: two
@@ -91,3 +93,10 @@ def test_a_crash_mid_batch_is_made_good_by_the_next_reconcile(tmp_path: Path) ->
         assert len(store.folder_files("alice", "Sent")) == 20
     finally:
         store.close()
+
+
+def test_a_scan_runs_the_garbage_collector_less_often_and_restores_the_setting() -> None:
+    before = gc.get_threshold()
+    with fewer_gc_passes():
+        assert gc.get_threshold() == (GC_GEN0, *before[1:])
+    assert gc.get_threshold() == before

@@ -9,6 +9,7 @@ watcher's thread, through the same code, so both paths decide alike.
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import time
@@ -160,11 +161,15 @@ def prepare_chunk(
     return prepared
 
 
-def exit_with_parent(parent: int) -> None:
-    """Worker process initializer: exit once the process that started it is gone.
+def exit_with_parent(parent: int, gc_gen0: int = 0) -> None:
+    """Worker process initializer: exit once the process that started it is gone (and, with
+    ``gc_gen0``, run the garbage collector as seldom as the main process's scan does).
 
     A worker of a ProcessPoolExecutor holds both ends of its job queue, so it would wait for
     jobs forever after the main process was killed (SIGKILL, a crash)."""
+
+    if gc_gen0:
+        gc.set_threshold(gc_gen0, *gc.get_threshold()[1:])
 
     def watch() -> None:
         while os.getppid() == parent:

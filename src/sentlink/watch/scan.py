@@ -6,6 +6,7 @@ the store has indexed for it: no message file is opened (``watch.known``).
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing
 import os
@@ -30,6 +31,9 @@ from sentlink.watch.prepare import Prepared, Preparer, exit_with_parent, prepare
 log = logging.getLogger("sentlink.watch")
 
 _T = TypeVar("_T")
+
+# Allocations between two runs of the garbage collector during a scan (fewer_gc_passes).
+GC_GEN0 = 50_000
 
 # A folder with at least this many new files has them read and judged in a worker process
 # (watch/prepare.py, _pipeline): below it, starting the process costs more than it saves.
@@ -218,6 +222,7 @@ def scan_folders(
             return scan_folders(refs, store, linker, progress, made, pending, parallel_from)
     summary = ScanSummary()
     with (
+        fewer_gc_passes(),
         handler.batch(),
         ThreadPoolExecutor(_READ_AHEAD_THREADS, thread_name_prefix="sentlink-readahead") as pool,
         _Workers() as workers,
@@ -244,6 +249,25 @@ def scan_folders(
         finally:
             handler.flush()
     return summary
+
+
+@contextmanager
+def fewer_gc_passes() -> Iterator[None]:
+    """Run the garbage collector's youngest generation every GC_GEN0 allocations, not 700.
+
+    A scan allocates a few objects per header field and address and keeps few of them, while
+    the process holds large long-lived caches (the store's records, the folder listings) that
+    each pass reaching the older generations walks again. With CPython's default, unpickling a
+    worker's results cost 32 us per message against 4 with the collector off; a reconcile of
+    20,000 messages ran 8,800-9,100 msg/s before this and 9,800-10,500 after. Reference counting
+    still frees everything at once; only reference cycles wait longer.
+    """
+    previous = gc.get_threshold()
+    gc.set_threshold(GC_GEN0, *previous[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*previous)
 
 
 def _handle_in_groups(
@@ -344,7 +368,7 @@ class _Workers:
                     1,
                     multiprocessing.get_context("spawn"),
                     initializer=exit_with_parent,
-                    initargs=(os.getpid(),),
+                    initargs=(os.getpid(), GC_GEN0),
                 )
             return self._pool.submit(prepare_chunk, preparer, ref.account, ref.folder, paths)
         except Exception as exc:  # cannot start or reach the worker: work without it
