@@ -71,6 +71,22 @@ PRELOAD_ADDRESSES = 50_000
 _FULL_LOADS = 2
 
 
+# The records having an address (m.email), each with all its addresses, one row per address.
+_RECORDS_BY_ADDRESS = (
+    "SELECT m.email, r.kind, r.id, r.name, e.email FROM record_emails m"
+    " JOIN records r ON r.kind = m.kind AND r.id = m.id"
+    " JOIN record_emails e ON e.kind = m.kind AND e.id = m.id"
+)
+
+
+def _records_by_address(rows: Iterable[Sequence[Any]]) -> dict[str, list[Record]]:
+    """_RECORDS_BY_ADDRESS rows, ordered by address -> records by address."""
+    grouped: dict[str, list[Sequence[Any]]] = {}
+    for row in rows:
+        grouped.setdefault(row[0], []).append(row[1:])
+    return {email: _records_from_rows(r) for email, r in grouped.items()}
+
+
 def _records_from_rows(rows: Iterable[Sequence[Any]]) -> list[Record]:
     """(kind, id, name, email) rows, ordered by record then address position -> records,
     contacts first, then by id."""
@@ -277,53 +293,40 @@ class SqlStore(ABC):
         wanted = sorted({e for e in emails if e and e not in batch.records})
         if not wanted or len(batch.records) + len(wanted) > MAX_CACHED_ADDRESSES:
             return
-        found: dict[str, list[tuple[str, str, str, str]]] = {e: [] for e in wanted}
+        found: dict[str, list[Record]] = {email: [] for email in wanted}
         with self._read() as conn:
             for chunk in chunks(wanted):
                 rows = conn.execute(
-                    "SELECT m.email, r.kind, r.id, r.name, e.email FROM record_emails m"
-                    " JOIN records r ON r.kind = m.kind AND r.id = m.id"
-                    " JOIN record_emails e ON e.kind = m.kind AND e.id = m.id"
-                    f" WHERE m.email IN ({', '.join('?' * len(chunk))})"
+                    f"{_RECORDS_BY_ADDRESS} WHERE m.email IN ({', '.join('?' * len(chunk))})"
                     " ORDER BY m.email, r.kind, r.id, e.position",
                     list(chunk),
                 ).fetchall()
-                for email, *rest in rows:
-                    found[email].append((rest[0], rest[1], rest[2], rest[3]))
-        for email, rows in found.items():
-            batch.remember(email, _records_from_rows(rows))
+                found.update(_records_by_address(rows))
+        for email, records in found.items():
+            batch.remember(email, records)
 
     def _load_all_records(self, batch: WriteBatch) -> bool:
         """A CRM of up to PRELOAD_ADDRESSES addresses is read whole into the batch's cache: one
         query, then every lookup of the batch is a dictionary hit (false when it is larger)."""
-        found: dict[str, list[tuple[str, str, str, str]]] = {}
         with self._read() as conn:
             (count,) = conn.execute("SELECT count(*) FROM record_emails").fetchone()
             if int(count) > PRELOAD_ADDRESSES:
                 batch.full_loads = _FULL_LOADS  # not again in this batch
                 return False
             rows = conn.execute(
-                "SELECT m.email, r.kind, r.id, r.name, e.email FROM record_emails m"
-                " JOIN records r ON r.kind = m.kind AND r.id = m.id"
-                " JOIN record_emails e ON e.kind = m.kind AND e.id = m.id"
-                " ORDER BY m.email, r.kind, r.id, e.position"
+                f"{_RECORDS_BY_ADDRESS} ORDER BY m.email, r.kind, r.id, e.position"
             ).fetchall()
-        for email, *rest in rows:
-            found.setdefault(email, []).append((rest[0], rest[1], rest[2], rest[3]))
-        batch.load_all({email: _records_from_rows(r) for email, r in found.items()})
+        batch.load_all(_records_by_address(rows))
         return True
 
     def _records_by_email(self, email: str) -> list[Record]:
         # One query for the records and all their addresses: this runs for every participant.
         with self._read() as conn:
             rows = conn.execute(
-                "SELECT r.kind, r.id, r.name, e.email FROM record_emails m"
-                " JOIN records r ON r.kind = m.kind AND r.id = m.id"
-                " JOIN record_emails e ON e.kind = m.kind AND e.id = m.id"
-                " WHERE m.email = ? ORDER BY r.kind, r.id, e.position",
+                f"{_RECORDS_BY_ADDRESS} WHERE m.email = ? ORDER BY r.kind, r.id, e.position",
                 (email,),
             ).fetchall()
-        return _records_from_rows(rows)
+        return _records_from_rows(row[1:] for row in rows)
 
     @staticmethod
     def _load_records(conn: Connection, keys: Iterable[tuple[str, str]]) -> list[Record]:

@@ -161,9 +161,9 @@ def prepare_chunk(
     return prepared
 
 
-def exit_with_parent(parent: int, gc_gen0: int = 0) -> None:
-    """Worker process initializer: exit once the process that started it is gone (and, with
-    ``gc_gen0``, run the garbage collector as seldom as the main process's scan does).
+def init_worker(parent: int, gc_gen0: int = 0) -> None:
+    """Worker process initializer: exit once the process that started it is gone, and (with
+    ``gc_gen0``) run the garbage collector as seldom as the main process's scan does.
 
     A worker of a ProcessPoolExecutor holds both ends of its job queue, so it would wait for
     jobs forever after the main process was killed (SIGKILL, a crash)."""

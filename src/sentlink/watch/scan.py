@@ -26,7 +26,7 @@ from sentlink.model import Direction
 from sentlink.store import SaveRequest, Store
 from sentlink.watch.handler import MessageHandler, Outcome, Staged, WatchPolicy, relative
 from sentlink.watch.known import KnownFiles, known_files_for
-from sentlink.watch.prepare import Prepared, Preparer, exit_with_parent, prepare_chunk
+from sentlink.watch.prepare import Prepared, Preparer, init_worker, prepare_chunk
 
 log = logging.getLogger("sentlink.watch")
 
@@ -367,7 +367,7 @@ class _Workers:
                 self._pool = ProcessPoolExecutor(
                     1,
                     multiprocessing.get_context("spawn"),
-                    initializer=exit_with_parent,
+                    initializer=init_worker,
                     initargs=(os.getpid(), GC_GEN0),
                 )
             return self._pool.submit(prepare_chunk, preparer, ref.account, ref.folder, paths)
