@@ -19,7 +19,7 @@ import pytest
 from hookutil import write_config
 from pg import PgCluster, running_cluster
 from sentlink.model import Link, MessageInfo, Participant, Record
-from sentlink.store import NewEvent, open_store
+from sentlink.store import Attempt, NewEvent, open_store
 from sentlink.store.postgres import PostgresStore
 from sentlink.testing import ReceivedRequest, Response, WebhookReceiver
 
@@ -94,7 +94,7 @@ def test_postgres_store_keeps_the_store_contract(pg_cluster: PgCluster) -> None:
     now = time.time()
     assert [d.event_id for d in store.claim_deliveries("crm", "w1", 5, 30, now)] == ["e1"]
     assert store.claim_deliveries("crm", "w2", 5, 30, now) == []
-    store.finish_delivery("crm", 1, "dead", now, "HTTP 400", now)
+    store.finish_deliveries("crm", [Attempt(1, "dead", now, "HTTP 400", now)])
     assert [r["id"] for r in store.outbox_rows({"dead"})] == ["e1"]
     assert store.retry_deliveries("crm", set(), now) == 1
     m3 = msg("u3", "m3@x")

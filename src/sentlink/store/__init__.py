@@ -225,19 +225,9 @@ class Store(Protocol):
     def extend_lease(self, hook: str, owner: str, event_pks: Sequence[int], until: float) -> None:
         """Keep holding these claimed deliveries until ``until``."""
 
-    def finish_delivery(
-        self,
-        hook: str,
-        event_pk: int,
-        state: DeliveryState,
-        next_at: float,
-        error: str,
-        now: float,
-    ) -> None:
-        """Record an attempt: ``done``, ``dead``, or ``pending`` again at ``next_at``."""
-
     def finish_deliveries(self, hook: str, attempts: Sequence[Attempt]) -> None:
-        """Record several attempts of ``hook`` in one transaction."""
+        """Record attempts of ``hook`` in one transaction: each ``done``, ``dead``, or
+        ``pending`` again at its ``next_at``."""
 
     def disable_hook(self, hook: str, reason: str, now: float) -> None:
         """Stop delivering to ``hook`` (the receiver said 410 Gone) until re-enabled."""

@@ -19,7 +19,6 @@ from sentlink.model import Link, MessageInfo, Record, RecordKind
 from sentlink.store import (
     Attempt,
     Delivery,
-    DeliveryState,
     IndexedFile,
     LinkRow,
     NewEvent,
@@ -689,17 +688,6 @@ class SqlStore(ABC):
                 " WHERE hook = ? AND event_pk = ? AND lease_owner = ? AND state = 'pending'",
                 [(until, hook, pk, owner) for pk in event_pks],
             )
-
-    def finish_delivery(
-        self,
-        hook: str,
-        event_pk: int,
-        state: DeliveryState,
-        next_at: float,
-        error: str,
-        now: float,
-    ) -> None:
-        self.finish_deliveries(hook, [Attempt(event_pk, state, next_at, error, now)])
 
     def finish_deliveries(self, hook: str, attempts: Sequence[Attempt]) -> None:
         if not attempts:

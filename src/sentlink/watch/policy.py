@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sentlink.config.listen import parse_dns_server
 from sentlink.config.models import Config
-from sentlink.errors import ConfigError
 from sentlink.headers import DEFAULT_MAX_HEADER_BYTES
 from sentlink.watch.dkim_proof import DEFAULT_MAX_BYTES
 from sentlink.watch.duplicates import KeepPolicy
@@ -27,14 +25,7 @@ class WatchPolicy:
 
     @classmethod
     def from_config(cls, config: Config, secret: bytes | None) -> WatchPolicy:
-        problems = []
-        for server in config.self_sent.dns_servers:
-            try:
-                parse_dns_server(server)
-            except ValueError as exc:
-                problems.append(f"self_sent.dns_servers: {exc}")
-        if problems:
-            raise ConfigError(problems)
+        # self_sent.dns_servers was checked when the file was loaded (config/checks.py).
         return cls(
             rules=RuleSet.compile(config.watch.rules),
             self_sent_require=config.self_sent.require,
