@@ -39,11 +39,15 @@ VENV_BIN = Path(sys.executable).parent
 
 ALONE = "postfix-alone"
 NOOP = "noop-milter"
+RECEIVE = "receive-milter"  # takes what sentlink's capture takes, does nothing with it
+RECEIVE_WRITE = "receive-write-milter"  # the same, and writes each message durably
 SENTLINK = "sentlink-unix"
 SENTLINK_TCP = "sentlink-tcp"
 CAPTURE = "sentlink-capture"  # `sentlink milter`: capture only, no watcher (for the analysis)
 CLASSIC = "classic-bcc-lda"
-CONFIGS = (ALONE, NOOP, SENTLINK, SENTLINK_TCP, CAPTURE, CLASSIC)
+CONFIGS = (ALONE, NOOP, RECEIVE, RECEIVE_WRITE, SENTLINK, SENTLINK_TCP, CAPTURE, CLASSIC)
+# `run.py --only throughput`: every milter configuration and the baseline.
+THROUGHPUT = (ALONE, NOOP, RECEIVE, RECEIVE_WRITE, SENTLINK, SENTLINK_TCP, CAPTURE)
 
 # Queue directories that hold messages not yet delivered (not defer/, bounce/: logs).
 _QUEUES = ("maildrop", "incoming", "active", "deferred", "hold")
@@ -80,6 +84,19 @@ class QuietSink(SmtpSink):
             raise LabError(f"smtp-sink exited: see {self.log}")
 
 
+@dataclass(frozen=True)
+class ScriptMilter:
+    """A milter script of bench/ on its own unix socket, in its own CPU group."""
+
+    group: str  # CPU group, and the name of its log
+    script: str  # file name under bench/
+    socket: Path
+    options: tuple[str, ...] = ()
+
+    def argv(self) -> list[str]:
+        return [sys.executable, str(BENCH_DIR / self.script), *self.options, f"unix:{self.socket}"]
+
+
 @dataclass
 class BenchLab:
     """Everything the selected configurations need, started and stopped together."""
@@ -91,14 +108,27 @@ class BenchLab:
     ports: dict[str, int] = field(init=False, default_factory=dict)
     sentlinks: dict[str, SentlinkInstance] = field(init=False, default_factory=dict)
     classic: ClassicSetup | None = field(init=False, default=None)
-    noop: subprocess.Popen[bytes] | None = field(init=False, default=None)
+    script_milters: dict[str, ScriptMilter] = field(init=False, default_factory=dict)
+    processes: dict[str, subprocess.Popen[bytes]] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.cpu = CpuGroups(f"sentlink-bench-{os.getpid()}")
         run = self.root / "run"
         run.mkdir(mode=0o755)
         run.chmod(0o755)
-        self.noop_socket = run / "noop.sock"
+        # The receive+write milter runs as root, like the others: its Maildir is root's.
+        self.receive_maildir = self.root / "receive-maildir"
+        script_milters = {
+            NOOP: ScriptMilter("noop", "noop_milter.py", run / "noop.sock"),
+            RECEIVE: ScriptMilter("receive", "receive_milter.py", run / "receive.sock"),
+            RECEIVE_WRITE: ScriptMilter(
+                "receive-write",
+                "receive_milter.py",
+                run / "receive-write.sock",
+                ("--write", str(self.receive_maildir)),
+            ),
+        }
+        self.script_milters = {c: m for c, m in script_milters.items() if c in self.configs}
         sentlink_bin = VENV_BIN / "sentlink"
         if SENTLINK in self.configs:
             self.sentlinks[SENTLINK] = SentlinkInstance(
@@ -132,8 +162,8 @@ class BenchLab:
         extra_main: dict[str, str] = {}
         extra_master = ""
         options: dict[str, dict[str, str]] = {ALONE: {"smtpd_milters": ""}}
-        if NOOP in self.configs:
-            options[NOOP] = {"smtpd_milters": f"unix:{self.noop_socket}"}
+        for name, script in self.script_milters.items():
+            options[name] = {"smtpd_milters": f"unix:{script.socket}"}
         for name, instance in self.sentlinks.items():
             options[name] = {"smtpd_milters": instance.postfix_milter}
         if CLASSIC in self.configs:
@@ -163,8 +193,8 @@ class BenchLab:
                 dovecot = self.classic.dovecot
                 master = wait_for(dovecot.master_pid, 10.0, what="Dovecot master.pid")
                 self.cpu.add("dovecot", {master} | descendants(master))
-            if NOOP in self.configs:
-                self._start_noop()
+            for script in self.script_milters.values():
+                self._start_script_milter(script)
             for instance in self.sentlinks.values():
                 instance.prepare()
                 instance.start()
@@ -172,37 +202,39 @@ class BenchLab:
             self.stop()
             raise
 
-    def _start_noop(self) -> None:
-        joiner = self.cpu.joiner("noop")
-        with open(self.root / "noop-milter.log", "ab") as log:
-            self.noop = subprocess.Popen(
-                [sys.executable, str(BENCH_DIR / "noop_milter.py"), f"unix:{self.noop_socket}"],
+    def _start_script_milter(self, script: ScriptMilter) -> None:
+        joiner = self.cpu.joiner(script.group)
+        log_path = self.root / f"{script.group}-milter.log"
+        with open(log_path, "ab") as log:
+            process = self.processes[script.group] = subprocess.Popen(
+                script.argv(),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 preexec_fn=lambda: join_self(joiner),
             )
-        noop = self.noop
 
         def ready() -> bool:
-            if noop.poll() is not None:
-                raise LabError(f"no-op milter exited: see {self.root / 'noop-milter.log'}")
-            return self.noop_socket.is_socket()
+            if process.poll() is not None:
+                raise LabError(f"{script.script} exited: see {log_path}")
+            return script.socket.is_socket()
 
-        wait_for(ready, 15.0, what="no-op milter socket")
+        wait_for(ready, 15.0, what=f"{script.group} milter socket")
 
     def stop(self) -> None:
         for instance in self.sentlinks.values():
             instance.stop()
-        if self.noop is not None and self.noop.poll() is None:
-            self.noop.terminate()
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes.values():
             try:
-                self.noop.wait(timeout=15)
+                process.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                self.noop.kill()
-                self.noop.wait(timeout=5)
-        self.noop = None
+                process.kill()
+                process.wait(timeout=5)
+        self.processes.clear()
         try:
             self.postfix.stop()
         finally:
@@ -219,6 +251,13 @@ class BenchLab:
             for _dirpath, _dirs, files in os.walk(self.postfix.queue_dir / name):
                 total += len(files)
         return total
+
+    def receive_written(self) -> int:
+        """Messages the receive+write milter has filed into its Maildir's cur/."""
+        try:
+            return len(os.listdir(self.receive_maildir / "cur"))
+        except FileNotFoundError:
+            return 0
 
     def load_joiner(self) -> Path | None:
         return self.cpu.joiner("load")

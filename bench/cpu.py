@@ -1,10 +1,10 @@
 """CPU time per component, from cgroups: exact even while others use the same cores.
 
-Every process the benchmark starts (Postfix's master, Dovecot's master, each sentlink, the no-op
-milter, the load generator and the sink) is put into its own child cgroup; children they fork
-later (Postfix's smtpd/cleanup/pipe, dovecot-lda under pipe, Dovecot's auth) inherit it. The
-cgroup's cumulative CPU counter then covers exactly that component, including processes that
-have already exited, and nothing of other people's work on the machine.
+Every process the benchmark starts (Postfix's master, Dovecot's master, each sentlink, each
+milter script of bench/, the load generator and the sink) is put into its own child cgroup;
+children they fork later (Postfix's smtpd/cleanup/pipe, dovecot-lda under pipe, Dovecot's auth)
+inherit it. The cgroup's cumulative CPU counter then covers exactly that component, including
+processes that have already exited, and nothing of other people's work on the machine.
 
 cgroup v1 ``cpuacct.usage`` (nanoseconds) is used when mounted, else cgroup v2 ``cpu.stat``
 ``usage_usec``. Without either (not root, no cgroupfs) the only figure is the whole system's busy

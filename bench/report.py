@@ -6,7 +6,17 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from benchlab import ALONE, CAPTURE, CLASSIC, CONFIGS, NOOP, SENTLINK, SENTLINK_TCP
+from benchlab import (
+    ALONE,
+    CAPTURE,
+    CLASSIC,
+    CONFIGS,
+    NOOP,
+    RECEIVE,
+    RECEIVE_WRITE,
+    SENTLINK,
+    SENTLINK_TCP,
+)
 from rss import RssResult
 from throughput import RunResult
 
@@ -15,6 +25,8 @@ LOAD_GROUP = "load"  # smtp-source and smtp-sink: the test rig, not the server
 LABELS = {
     ALONE: "Postfix alone",
     NOOP: "no-op milter (unix)",
+    RECEIVE: "receive milter (unix)",
+    RECEIVE_WRITE: "receive+write milter",
     SENTLINK: "sentlink serve (unix)",
     SENTLINK_TCP: "sentlink serve (tcp)",
     CAPTURE: "sentlink milter, no link",
@@ -126,6 +138,25 @@ def ratios(summary: dict[str, ConfigSummary]) -> list[Ratio]:
             (">=", 0.8),
         ),
         _ratio("no-op milter/Postfix alone, accepted", get(NOOP, accepted), get(ALONE, accepted)),
+        # The ceiling for any pymilter capture: sentlink's callbacks alone, then with the
+        # minimal durable write; the last row is the share of the gap that is sentlink's logic.
+        _ratio("receive/no-op milter, accepted", get(RECEIVE, accepted), get(NOOP, accepted)),
+        _ratio(
+            "receive+write/no-op milter, accepted",
+            get(RECEIVE_WRITE, accepted),
+            get(NOOP, accepted),
+        ),
+        _ratio("receive/Postfix alone, end-to-end", get(RECEIVE, e2e), get(ALONE, e2e)),
+        _ratio(
+            "receive+write/Postfix alone, end-to-end",
+            get(RECEIVE_WRITE, e2e),
+            get(ALONE, e2e),
+        ),
+        _ratio(
+            "sentlink/receive+write, accepted",
+            get(SENTLINK, accepted),
+            get(RECEIVE_WRITE, accepted),
+        ),
         _ratio("sentlink/Postfix alone, accepted", get(SENTLINK, accepted), get(ALONE, accepted)),
         _ratio("sentlink tcp/unix, accepted", get(SENTLINK_TCP, accepted), get(SENTLINK, accepted)),
         _ratio("sentlink tcp/unix, end-to-end", get(SENTLINK_TCP, e2e), get(SENTLINK, e2e)),

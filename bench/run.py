@@ -23,7 +23,7 @@ from types import FrameType
 BENCH = Path(__file__).resolve().parent
 sys.path.append(str(BENCH.parent / "tests"))  # tests/lab.py: private Postfix and Dovecot
 
-from benchlab import ALONE, CAPTURE, CLASSIC, CONFIGS, NOOP, SENTLINK, SENTLINK_TCP, BenchLab  # noqa: E402
+from benchlab import ALONE, CLASSIC, CONFIGS, SENTLINK, THROUGHPUT, BenchLab  # noqa: E402
 from report import ratios, render, summarize  # noqa: E402
 from rss import MB, RssResult, run_rss  # noqa: E402
 from throughput import Load, RunResult, run_load  # noqa: E402
@@ -32,7 +32,7 @@ from lab import REQUIRED_BINARIES, missing_binaries  # noqa: E402
 
 RESULTS = BENCH / "results"
 SELECTIONS = {
-    "throughput": (ALONE, NOOP, SENTLINK, SENTLINK_TCP, CAPTURE),
+    "throughput": THROUGHPUT,
     "classic": (ALONE, SENTLINK, CLASSIC),
     "rss": (),
 }
@@ -112,7 +112,7 @@ def main(argv: list[str]) -> int:
                 run = run_load(lab, config, load, round_no)
                 runs.append(run)
                 print(
-                    f"  round {round_no} {config:<16} accepted {run.accepted_rate:7.1f}/s"
+                    f"  round {round_no} {config:<20} accepted {run.accepted_rate:7.1f}/s"
                     f"  end-to-end {run.e2e_rate:7.1f}/s",
                     flush=True,
                 )

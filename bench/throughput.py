@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from benchlab import CAPTURE, CLASSIC, SENTLINK, SENTLINK_TCP, BenchLab
+from benchlab import CAPTURE, CLASSIC, RECEIVE_WRITE, SENTLINK, SENTLINK_TCP, BenchLab
 from cpu import delta, join_self
 from serve_instance import SENDER
 
@@ -84,6 +84,8 @@ def _progress(lab: BenchLab, config: str) -> tuple[Counter | None, Counter | Non
         return lab.sentlinks[config].filed, None
     if config == CLASSIC and lab.classic is not None:
         return lab.classic.filed, None
+    if config == RECEIVE_WRITE:
+        return lab.receive_written, None
     return None, None
 
 
