@@ -22,7 +22,7 @@ from sentlink.config.models import AccountConfig
 from sentlink.proxy.deps import ProxyDeps
 from sentlink.proxy.relay import Relay
 from sentlink.proxy.security import DATA_REFUSALS, IDLE_TIMEOUT, TOO_MANY_SESSIONS
-from sentlink.proxy.spool import CHUNK, DataReceiver, Spool
+from sentlink.proxy.spool import CHUNK, DataReceiver, Spool, read_data
 
 log = logging.getLogger(__name__)
 
@@ -180,38 +180,15 @@ class ProxySMTP(SMTP):
         return DATA_REFUSALS[problem]
 
     async def _receive(self, receiver: DataReceiver) -> None:
-        """Feed ``receiver`` everything up to the final ``.CRLF``, in chunks of at most CHUNK.
-
-        StreamReader.readuntil() finds CRLF.CRLF in C; its limit (aiosmtpd's line limit for
-        commands) is raised for DATA only so that a chunk can hold many lines. A line that
-        starts right after a chunk boundary is read alone, to see whether it is the lone dot.
-        """
+        """``read_data`` from the client, with the reader's limit (aiosmtpd's line limit for
+        commands) raised to CHUNK for DATA only, so that one read can hold many lines."""
         reader = self._reader
         limit = reader._limit  # type: ignore[attr-defined]
         reader._limit = CHUNK  # type: ignore[attr-defined]
         try:
-            at_line_start = True
-            while True:
-                if at_line_start:
-                    try:
-                        part = await reader.readuntil(b"\r\n")
-                    except asyncio.LimitOverrunError as exc:
-                        part = await reader.readexactly(exc.consumed)
-                    if part == b".\r\n":
-                        break
-                else:
-                    try:
-                        part = await reader.readuntil(b"\r\n.\r\n")
-                    except asyncio.LimitOverrunError as exc:
-                        part = await reader.readexactly(exc.consumed)
-                    else:
-                        receiver.feed(part[:-3])
-                        break
-                receiver.feed(part)
-                at_line_start = part.endswith(b"\r\n")
+            await read_data(reader, receiver)
         finally:
             reader._limit = limit  # type: ignore[attr-defined]
-        receiver.finish()
 
 
 async def _close_all(relays: list[Relay]) -> None:

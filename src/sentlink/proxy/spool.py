@@ -9,6 +9,7 @@ the next hop, however large it is.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import tempfile
 from collections.abc import Iterator
@@ -139,6 +140,32 @@ class DataReceiver:
     def _fail(self, problem: str) -> None:
         self.problem = problem
         self._spool.close()
+
+
+async def read_data(reader: asyncio.StreamReader, receiver: DataReceiver) -> None:
+    """Feed ``receiver`` the client's data up to the end-of-data line, which is consumed too
+    (RFC 5321 4.1.1.4: CRLF.CRLF, the first CRLF being DATA's own for an empty message), in
+    pieces of at most the reader's limit; then ``receiver.finish()``.
+
+    StreamReader.readuntil() finds each ``.CRLF`` in C, many lines at a time; one preceded by
+    CRLF ends the data, a line that merely ends with a dot costs one more read. The separator
+    leaves out that CRLF because the read before may have consumed it.
+    """
+    tail = b"\r\n"  # the last two bytes consumed: DATA's CRLF to begin with
+    while True:
+        try:
+            part = await reader.readuntil(b".\r\n")
+        except asyncio.LimitOverrunError as exc:
+            part = await reader.readexactly(exc.consumed)
+        else:
+            dot = len(part) - 3
+            before = part[dot - 2 : dot] if dot >= 2 else (tail + part[:dot])[-2:]
+            if before == b"\r\n":
+                receiver.feed(part[:dot])
+                break
+        receiver.feed(part)
+        tail = part[-2:] if len(part) >= 2 else (tail + part)[-2:]
+    receiver.finish()
 
 
 def dot_stuffed(prefix: bytes, spool: Spool) -> Iterator[bytes]:
