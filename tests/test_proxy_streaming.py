@@ -16,6 +16,8 @@ from aiosmtpd.controller import Controller
 
 from lab import LOOPBACK, SmtpSink, build_message, free_port, maildir_files, wait_for
 from proxy_fixtures import ALICE, ProxyThread, proxy_config, start_proxy
+from sentlink.proxy import pool as proxy_pool
+from sentlink.proxy import server as proxy_server
 
 pytestmark = pytest.mark.real
 
@@ -68,10 +70,11 @@ def test_large_message_with_dot_lines_reaches_upstream_and_the_copy_unchanged(
 
 
 class CountingUpstream:
-    """aiosmtpd handler: counts EHLOs (one per connection) and accepts every message."""
+    """aiosmtpd handler: counts EHLOs (one per connection) and QUITs, accepts every message."""
 
     def __init__(self) -> None:
         self.ehlos = 0
+        self.quits = 0
         self.messages: list[bytes] = []
 
     async def handle_EHLO(
@@ -84,6 +87,10 @@ class CountingUpstream:
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         self.messages.append(bytes(envelope.original_content))
         return "250 2.0.0 OK"
+
+    async def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str:
+        self.quits += 1
+        return "221 Bye"
 
 
 def test_next_session_reuses_the_idle_upstream_connection(
@@ -103,6 +110,34 @@ def test_next_session_reuses_the_idle_upstream_connection(
                 smtp.sendmail(ALICE, [OUTSIDE], build_message(ALICE, [OUTSIDE]))
         assert len(handler.messages) == 3
         assert handler.ehlos == 1
+    finally:
+        controller.stop()
+
+
+def test_idle_upstream_connection_is_closed_with_quit_after_the_idle_time(
+    lab_tmp_path: Path, proxies: Callable[[str], ProxyThread], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A lull must not leave pooled connections open until the next hop's own timeout (Postfix
+    # would hold an smtpd process for each and log "timeout after ..." when it gives up).
+    monkeypatch.setattr(proxy_pool, "IDLE_SECONDS", 1.0)
+    monkeypatch.setattr(proxy_server, "SWEEP_SECONDS", 0.2)
+    handler = CountingUpstream()
+    controller = Controller(handler, hostname=LOOPBACK, port=free_port())
+    controller.start()
+    try:
+        upstream = f"{{host: {LOOPBACK}, port: {controller.port}, tls: none, auth: none}}"
+        text = proxy_config(
+            lab_tmp_path, lab_tmp_path / "mail", upstream=upstream, internal_hosts=["127.0.0.0/8"]
+        )
+        proxy = proxies(text.replace('owner: "5000:5000"', "owner: null"))
+        with proxy.client() as smtp:
+            smtp.sendmail(ALICE, [OUTSIDE], build_message(ALICE, [OUTSIDE]))
+        assert handler.quits == 0  # pooled, open
+        wait_for(lambda: handler.quits == 1, 10.0, what="QUIT of the idle upstream connection")
+        with proxy.client() as smtp:  # the next session connects anew
+            smtp.sendmail(ALICE, [OUTSIDE], build_message(ALICE, [OUTSIDE]))
+        assert handler.ehlos == 2
+        assert len(handler.messages) == 2
     finally:
         controller.stop()
 

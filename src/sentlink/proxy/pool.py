@@ -25,9 +25,9 @@ IDLE_SECONDS = 30.0
 class RelayPool:
     """Idle connections by key (upstream target and login). Used from the event loop only."""
 
-    def __init__(self, max_idle: int, idle_seconds: float = IDLE_SECONDS) -> None:
+    def __init__(self, max_idle: int, idle_seconds: float | None = None) -> None:
         self._max_idle = max_idle
-        self._idle_seconds = idle_seconds
+        self._idle_seconds = IDLE_SECONDS if idle_seconds is None else idle_seconds
         self._idle: dict[Hashable, list[tuple[float, Relay]]] = {}
 
     def take(self, key: Hashable) -> Relay | None:
@@ -54,8 +54,27 @@ class RelayPool:
             drop.append(relay)
         return drop
 
+    def expired(self) -> list[Relay]:
+        """Take out the connections idle for ``idle_seconds`` or more, for the caller to close:
+        called every few seconds, so a lull does not leave them open until the next hop's own
+        timeout closes them (Postfix logs each of those as "timeout after ...")."""
+        now = time.monotonic()
+        drop: list[Relay] = []
+        for key, idle in list(self._idle.items()):
+            drop += [r for since, r in idle if now - since >= self._idle_seconds]
+            idle[:] = [(since, r) for since, r in idle if now - since < self._idle_seconds]
+            if not idle:
+                del self._idle[key]
+        return drop
+
     async def close(self) -> None:
         idle, self._idle = self._idle, {}
         for relays in idle.values():
             for _, relay in relays:
                 await relay.close()
+
+
+async def close_all(relays: list[Relay]) -> None:
+    """Close each connection politely (QUIT), one after the other."""
+    for relay in relays:
+        await relay.close()

@@ -19,7 +19,7 @@ from sentlink.config.proxy_checks import parse_host_port
 from sentlink.proxy.content_filter import ContentFilterHandler
 from sentlink.proxy.copies import CopyIndex
 from sentlink.proxy.deps import ProxyDeps
-from sentlink.proxy.pool import RelayPool
+from sentlink.proxy.pool import RelayPool, close_all
 from sentlink.proxy.session import ProxySMTP, SessionCounter
 from sentlink.proxy.submission import SubmissionHandler
 
@@ -77,6 +77,10 @@ def reloaded(deps: ProxyDeps, config: Config) -> ProxyDeps:
     return replace(deps, config=proxy, accounts=Accounts(config.accounts))
 
 
+# How often idle upstream connections past pool.IDLE_SECONDS are closed.
+SWEEP_SECONDS = 5.0
+
+
 async def serve_proxy(
     deps: ProxyDeps,
     stop: threading.Event,
@@ -121,9 +125,18 @@ async def serve_proxy(
     )
     if ready is not None:
         ready()
+    sweeps: set[asyncio.Task[None]] = set()
+    next_sweep = loop.time() + SWEEP_SECONDS
     try:
         while not stop.is_set():
             await asyncio.sleep(0.2)
+            if loop.time() >= next_sweep:
+                next_sweep = loop.time() + SWEEP_SECONDS
+                expired = deps.pool.expired()
+                if expired:
+                    task = loop.create_task(close_all(expired))
+                    sweeps.add(task)
+                    task.add_done_callback(sweeps.discard)
             new = reloads.take() if reloads is not None else None
             if new is not None and new.proxy is not None:
                 # New sessions and new transactions see the new accounts and upstreams; open

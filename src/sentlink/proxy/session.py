@@ -20,6 +20,7 @@ from aiosmtpd.smtp import MISSING, SMTP, syntax
 
 from sentlink.config.models import AccountConfig
 from sentlink.proxy.deps import ProxyDeps
+from sentlink.proxy.pool import close_all
 from sentlink.proxy.relay import Relay
 from sentlink.proxy.security import DATA_REFUSALS, IDLE_TIMEOUT, TOO_MANY_SESSIONS
 from sentlink.proxy.spool import CHUNK, DataReceiver, Spool, read_data
@@ -101,7 +102,7 @@ class ProxySMTP(SMTP):
             # At once, not in a task: the next session may want it on this loop iteration.
             closing = self._deps.pool.give(key, relay)
             if closing:
-                self._in_background(_close_all(closing))
+                self._in_background(close_all(closing))
         else:
             self._in_background(self._hand_back(key, relay))
 
@@ -115,7 +116,7 @@ class ProxySMTP(SMTP):
     async def _hand_back(self, key: object | None, relay: Relay) -> None:
         if key is not None and relay.in_transaction:
             await relay.rset()
-        await _close_all([relay] if key is None else self._deps.pool.give(key, relay))
+        await close_all([relay] if key is None else self._deps.pool.give(key, relay))
 
     def _in_background(self, job: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_event_loop().create_task(job)
@@ -189,8 +190,3 @@ class ProxySMTP(SMTP):
             await read_data(reader, receiver)
         finally:
             reader._limit = limit  # type: ignore[attr-defined]
-
-
-async def _close_all(relays: list[Relay]) -> None:
-    for relay in relays:
-        await relay.close()
