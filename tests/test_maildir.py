@@ -7,6 +7,8 @@ import os
 import re
 import stat
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -89,6 +91,60 @@ def test_folder_marker_and_subscription_are_created_once(tmp_path: Path) -> None
     assert marker.stat().st_size == 0
     assert (root / "subscriptions").read_text() == "Sent\n"
     assert not (root / "subscriptions.lock").exists()
+
+
+def test_subscription_waits_briefly_for_a_lock_held_for_a_moment(tmp_path: Path) -> None:
+    # Dovecot, or another copy creating the same folder at the same moment, holds the lock
+    # for a write and a rename.
+    root = tmp_path / "alice"
+    root.mkdir()
+    lock = root / "subscriptions.lock"
+    lock.write_text("")
+    releaser = threading.Timer(0.03, lock.unlink)
+    releaser.start()
+    try:
+        ensure_folder(root, "Sent", ME)
+    finally:
+        releaser.join()
+    assert (root / "subscriptions").read_text() == "Sent\n"
+    assert (root / ".Sent" / "maildirfolder").is_file()
+
+
+def test_subscription_held_off_by_a_fresh_lock_is_made_by_the_next_call(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "alice"
+    root.mkdir()
+    lock = root / "subscriptions.lock"
+    lock.write_text("someone else's")
+    with caplog.at_level(logging.INFO, logger="sentlink.maildir"):
+        ensure_folder(root, "Sent", ME)
+    assert (root / ".Sent" / "cur").is_dir()  # the folder is usable: copies go in
+    assert not (root / "subscriptions").exists()
+    assert not (root / ".Sent" / "maildirfolder").exists()  # the marker says "done"
+    assert lock.read_text() == "someone else's"  # never taken over while fresh
+    assert any("subscribing Sent later" in r.getMessage() for r in caplog.records)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    lock.unlink()
+    ensure_folder(root, "Sent", ME)
+    assert (root / "subscriptions").read_text() == "Sent\n"
+    assert (root / ".Sent" / "maildirfolder").is_file()
+
+
+def test_stale_subscriptions_lock_is_removed_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "alice"
+    root.mkdir()
+    lock = root / "subscriptions.lock"
+    lock.write_text("left by a crash")
+    old = time.time() - 60  # Dovecot's limit: 30 s
+    os.utime(lock, (old, old))
+    with caplog.at_level(logging.WARNING, logger="sentlink.maildir"):
+        ensure_folder(root, "Sent", ME)
+    assert (root / "subscriptions").read_text() == "Sent\n"
+    assert not lock.exists()
+    assert any("stale lock" in r.getMessage() for r in caplog.records)
 
 
 def test_subscription_is_appended_to_existing_entries_in_dovecots_v2_format(

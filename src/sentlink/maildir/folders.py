@@ -34,6 +34,7 @@ SUBSCRIPTIONS = "subscriptions"
 # each other. Dovecot treats a lock unchanged for 30 s as stale (SUBSCRIPTION_FILE_CHANGE_TIMEOUT).
 _SUBSCRIPTIONS_LOCK = SUBSCRIPTIONS + ".lock"
 _STALE_LOCK_SECONDS = 30
+_LOCK_WAIT_SECONDS = 0.1
 # Dovecot's subscriptions format version 2: this header, then one mailbox per line with its
 # hierarchy levels separated by tabs. Without the header (version 1) names use the storage
 # separator, "." for Maildir++.
@@ -200,7 +201,8 @@ def _subscribe(root_fd: int, root: Path, components: list[str], owner: Owner) ->
     lock_path = root / _SUBSCRIPTIONS_LOCK
     fd = _take_subscriptions_lock(root_fd, lock_path)
     if fd is None:
-        log.warning("%s: locked, subscribing %s later", lock_path, ".".join(components))
+        # Retried with the next copy into this folder; nothing is lost meanwhile.
+        log.info("%s: locked, subscribing %s later", lock_path, ".".join(components))
         return False
     renamed = False
     try:
@@ -232,7 +234,13 @@ def _subscribe(root_fd: int, root: Path, components: list[str], owner: Owner) ->
 
 
 def _take_subscriptions_lock(root_fd: int, lock_path: Path) -> int | None:
-    for _ in range(2):
+    """The lock file, created; None while someone else holds it. A holder (Dovecot, or
+    another copy creating the same folder at the same moment) keeps it for a write and a
+    rename: waited for up to _LOCK_WAIT_SECONDS. One older than _STALE_LOCK_SECONDS is
+    removed."""
+    deadline = time.monotonic() + _LOCK_WAIT_SECONDS
+    stale_removed = False
+    while True:
         try:
             return os.open(_SUBSCRIPTIONS_LOCK, NEW_FILE_FLAGS, 0o600, dir_fd=root_fd)
         except FileExistsError:
@@ -242,12 +250,15 @@ def _take_subscriptions_lock(root_fd: int, lock_path: Path) -> int | None:
         try:
             age = time.time() - os.stat(_SUBSCRIPTIONS_LOCK, dir_fd=root_fd).st_mtime
         except FileNotFoundError:
+            continue  # released meanwhile: try again at once
+        if age >= _STALE_LOCK_SECONDS and not stale_removed:
+            log.warning("%s: removing a stale lock (%d s old)", lock_path, age)
+            _unlink_quietly(_SUBSCRIPTIONS_LOCK, root_fd)
+            stale_removed = True
             continue
-        if age < _STALE_LOCK_SECONDS:
+        if time.monotonic() >= deadline:
             return None
-        log.warning("%s: removing a stale lock (%d s old)", lock_path, age)
-        _unlink_quietly(_SUBSCRIPTIONS_LOCK, root_fd)
-    return None
+        time.sleep(0.005)
 
 
 def _read_subscriptions(root_fd: int, path: Path) -> str:
