@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from dns_lab import TxtServer, dkim_key, dkim_sign
+from dns_lab import TxtServer, dkim_ed25519_key, dkim_key, dkim_sign
 from sentlink.config.listen import parse_dns_server
 from sentlink.watch.dkim_proof import DkimVerifier, aligned
 
@@ -122,15 +122,33 @@ def test_bad_dns_servers_are_refused(text: str) -> None:
         parse_dns_server(text)
 
 
-def test_a_signature_this_host_cannot_check_is_no_proof(key: tuple[bytes, str]) -> None:
-    # ed25519 needs PyNaCl, which is not installed: such a signature proves nothing here (and
-    # is not retried as if DNS had failed).
-    ed_key = "v=DKIM1; k=ed25519; p=11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo="
-    header = (
-        b"DKIM-Signature: v=1; a=ed25519-sha256; c=relaxed/simple; d=example.test; s=ed;"
-        b" h=from:to:subject; bh=frcCV1k9oG9oKj3dpUqdJg1PxRT2RSN/XKdLCPjaYaY=;"
-        b" b=Tm90IGEgcmVhbCBzaWduYXR1cmU=\r\n"
-    )
-    with TxtServer({"ed._domainkey.example.test": ed_key}) as server:
-        proof = verifier(server).check(header + MESSAGE, "example.test")
-    assert not proof.verified and not proof.temporary and proof.reason.startswith("d=example.test")
+def test_an_ed25519_signature_is_proof_and_a_forged_one_is_not() -> None:
+    # RFC 8463; providers that sign twice (RSA and Ed25519) need only one to verify.
+    seed, record = dkim_ed25519_key()
+    with TxtServer({"ed._domainkey.example.test": record}) as server:
+        check = verifier(server).check
+        signed = dkim_sign(MESSAGE, "example.test", "ed", seed, b"ed25519-sha256")
+        assert b"a=ed25519-sha256" in signed
+        proof = check(signed, "example.test")
+        assert (proof.verified, proof.domain) == (True, "example.test")
+        other_seed, _record = dkim_ed25519_key()  # signed with a key DNS does not publish
+        forged = check(
+            dkim_sign(MESSAGE, "example.test", "ed", other_seed, b"ed25519-sha256"), "example.test"
+        )
+        assert not forged.verified and not forged.temporary
+        assert forged.reason.startswith("d=example.test")
+
+
+def test_of_two_signatures_one_that_verifies_is_enough(key: tuple[bytes, str]) -> None:
+    seed, record = dkim_ed25519_key()
+    zone = {"ed._domainkey.example.test": record, "s1._domainkey.example.test": key[1]}
+    with TxtServer(zone) as server:
+        # The Ed25519 signature on top no longer matches once the body is changed below it;
+        # sign the changed message with RSA and put a stale Ed25519 signature above it.
+        changed = MESSAGE.replace(b"the quote.", b"the quote, revised.")
+        stale_ed = dkim_sign(MESSAGE, "example.test", "ed", seed, b"ed25519-sha256")
+        stale_header = stale_ed[: len(stale_ed) - len(MESSAGE)]
+        both = stale_header + dkim_sign(changed, "example.test", "s1", key[0])
+        assert verifier(server).check(both, "example.test").verified
+        stale_alone = verifier(server).check(stale_header + changed, "example.test")
+        assert not stale_alone.verified and "body hash mismatch" in stale_alone.reason

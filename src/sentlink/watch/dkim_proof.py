@@ -6,6 +6,9 @@ parent of it (relaxed identifier alignment, RFC 7489 3.1.1, with the parent-doma
 in for the organizational domain). Mail sent from the provider's webmail and fetched back by POP
 carries the provider's signature; a forged From: from outside has no aligned valid signature.
 
+Both signature algorithms in use are checked: rsa-sha256 (and rsa-sha1) and ed25519-sha256
+(RFC 8463, through PyNaCl); providers that sign twice need only one of them to verify.
+
 Public keys come from DNS TXT records (``selector._domainkey.domain``), through the system's
 resolver or ``self_sent.dns_servers``; answers are cached for a few minutes. A lookup that times
 out or fails on the server side is *temporary*: the watcher leaves the message where it is and
@@ -112,7 +115,7 @@ class DkimVerifier:
             except TemporaryDnsError as exc:
                 temporary = True
                 reasons.append(f"d={domain}: key lookup failed: {exc}")
-            except Exception as exc:  # DKIMException, and e.g. ed25519 without PyNaCl
+            except Exception as exc:  # DKIMException: bad key, unknown algorithm...
                 reasons.append(f"d={domain}: {exc}")
         return DkimProof(False, reason="; ".join(reasons), temporary=temporary)
 
