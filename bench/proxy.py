@@ -8,8 +8,8 @@
    handling every message twice, the limit for any after-queue content filter.
 2. Submission relay: smtp-source through the proxy to smtp-sink vs straight to smtp-sink (goal
    >= 0.8), and the latency the proxy adds per message (sequential smtplib, p50/p99). Ceiling,
-   in the same rounds: the same load to ``bench/noop_smtpd.py`` (stock aiosmtpd, a DATA hook
-   that answers 250 and keeps nothing, the proxy's event loop): what any aiosmtpd-based proxy
+   in the same rounds: the same load to ``bench/noop_smtpd.py`` (aiosmtpd, DATA read many lines
+   at a time and thrown away, 250, the proxy's event loop): what any aiosmtpd-based proxy
    costs just to receive; via proxy / no-op aiosmtpd says how close the proxy is to it.
    CPU per message (utime + stime from /proc/PID/stat around each timed load, over its
    messages): the sentlink proxy in both modes and the no-op aiosmtpd server.
