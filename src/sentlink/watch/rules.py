@@ -9,11 +9,11 @@ handler carries out, or that ``sentlink watch --dry-run`` prints.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from email.errors import HeaderParseError
 from email.header import decode_header, make_header
-from functools import cached_property
+from typing import Any, Generic, TypeVar, cast
 
 from sentlink.addresses import AmbiguousAddressError, normalize_address, parse_mailboxes
 from sentlink.config.models import AccountConfig, RuleCondition, WatchRule
@@ -22,6 +22,23 @@ from sentlink.maildir.names import normalize_flags
 from sentlink.trace import TRACE_HEADER, verify
 
 SelfSentRequire = str  # "none" | "trace" (validated by the config model)
+
+_T = TypeVar("_T")
+
+
+class _once(Generic[_T]):
+    """functools.cached_property without its lock: CPython 3.11 takes one on every first
+    access, which cost more than most of these fields; a MessageFacts stays in one thread."""
+
+    def __init__(self, compute: Callable[[Any], _T]) -> None:
+        self._compute = compute
+        self._name = compute.__name__
+
+    def __get__(self, instance: object, owner: type | None = None) -> _T:
+        if instance is None:
+            return cast(_T, self)
+        value = instance.__dict__[self._name] = self._compute(instance)
+        return value
 
 
 class MessageFacts:
@@ -32,7 +49,7 @@ class MessageFacts:
         self.headers = headers
         self._secret = secret
 
-    @cached_property
+    @_once
     def trace_account(self) -> str | None:
         """The account a valid trace header names, if any."""
         if self._secret is None:
@@ -44,23 +61,23 @@ class MessageFacts:
                 return account
         return None
 
-    @cached_property
+    @_once
     def from_(self) -> tuple[str, ...]:
         return _addresses(self.headers, "From")
 
-    @cached_property
+    @_once
     def to(self) -> tuple[str, ...]:
         return _addresses(self.headers, "To")
 
-    @cached_property
+    @_once
     def cc(self) -> tuple[str, ...]:
         return _addresses(self.headers, "Cc")
 
-    @cached_property
+    @_once
     def bcc(self) -> tuple[str, ...]:
         return _addresses(self.headers, "Bcc")
 
-    @cached_property
+    @_once
     def subject(self) -> str:
         return _decoded(self.headers.get("Subject"))
 
