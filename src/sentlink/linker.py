@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.errors import HeaderParseError
@@ -497,12 +497,23 @@ class Linker:
         rule = "contact-first" if self._contact_first else "all"
         return f"address match on {forms} (multiple_match: {rule})", records
 
-    def prime(self, drafts: Iterable[Draft]) -> None:
-        """Look up the records of these drafts' candidates together (inside a store batch),
-        rather than one address at a time as each message is planned."""
+    def prime(self, account: str, drafts: Sequence[Draft]) -> None:
+        """Look up the records of these drafts' candidates, and the records linked to the
+        messages they reply to, together (inside a store batch), rather than one at a time as
+        each message of the account is planned."""
         forms = self._filter.forms
         self._store.prime_records(
             form for d in drafts for p in d.candidates for form in forms(p.email)
+        )
+        # The drafts whose plan looks up thread links (see plan).
+        self._store.prime_thread_links(
+            account,
+            (
+                r
+                for d in drafts
+                if d.refs and not (d.private or d.ambiguous or d.skip)
+                for r in d.refs
+            ),
         )
 
     def matching_records(self, email: str) -> list[Record]:

@@ -11,7 +11,7 @@ import logging
 import multiprocessing
 import os
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -396,7 +396,7 @@ def _pipeline(
     preparer: Preparer,
     ref: FolderRef,
     paths: Sequence[Path],
-    prime: Callable[[Iterable[Draft]], None],
+    prime: Callable[[str, Sequence[Draft]], None],
 ) -> Iterator[tuple[Path, Prepared | None]]:
     """``paths`` in order, each with what the worker prepared for it (None: not prepared).
 
@@ -422,7 +422,7 @@ def _pipeline(
             jobs.append(workers.submit(preparer, ref, chunks[submitted]))
             submitted += 1
         results = workers.results(jobs.popleft(), len(chunk))
-        prime(p.draft for p in results if p is not None)
+        prime(ref.account.name, [p.draft for p in results if p is not None])
         yield from zip(chunk, results, strict=True)
 
 
