@@ -62,9 +62,10 @@ class WriteBatch:
     full_loads: int = 0  # whole loads so far; a batch whose loads keep going stale stops
     # The (kind, id) of the records linked to each (account, Message-ID) looked up together
     # (SqlStore.prime_thread_links), held and dropped with ``records``; for the accounts in
-    # ``threads_complete`` (loaded whole), a Message-ID not in it has no links. This thread's
-    # writes keep it true: a new message's entry is set to the links written; a write that may
-    # change an indexed message's links sets its entry to None (ask the database).
+    # ``threads_complete`` (loaded whole), a Message-ID not in it has no message at all. This
+    # thread's writes keep it true: a new message's entry is set to the links written; a write
+    # that may change an indexed message's links (or drop it) sets its entry to None (ask the
+    # database).
     threads: dict[tuple[str, str], set[tuple[str, str]] | None] = field(default_factory=dict)
     threads_complete: set[str] = field(default_factory=set)
     thread_loads: int = 0  # whole loads so far, as full_loads

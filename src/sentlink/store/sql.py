@@ -68,8 +68,9 @@ PRELOAD_ADDRESSES = 50_000
 # Whole loads per batch: one that other connections' commits keep making stale (records are
 # dropped on any commit elsewhere, SQLite's data_version) falls back to lookups per chunk.
 _FULL_LOADS = 2
-# An account with at most this many links has them all loaded for a reconcile's thread
-# lookups (prime_thread_links), as the records are.
+# An account with at most this many messages and links has them all loaded for a reconcile's
+# thread lookups (prime_thread_links), as the records are; its copies lookups (message_files)
+# then skip the query for a Message-ID it does not have.
 PRELOAD_THREAD_LINKS = 50_000
 _NO_LINKS: frozenset[tuple[str, str]] = frozenset()
 
@@ -375,7 +376,7 @@ class SqlStore(ABC):
             return {uniq for (uniq,) in rows}
 
     def message_files(self, account: str, message_id: str) -> list[IndexedFile]:
-        if not message_id:
+        if not message_id or self._known_absent(account, message_id):
             return []
         with self._read() as conn:
             # "message_id <> ''" lets the planner use the partial index on Message-IDs; the
@@ -570,13 +571,13 @@ class SqlStore(ABC):
         batch.threads.update(((account, m), keys) for m, keys in found.items())
 
     def _load_all_thread_links(self, batch: WriteBatch, account: str) -> bool:
-        """An account with up to PRELOAD_THREAD_LINKS links is read whole into the batch's
-        cache (a first reconcile finds none at all); false when it has more."""
+        """An account with up to PRELOAD_THREAD_LINKS messages and links is read whole into
+        the batch's cache (a first reconcile finds none at all); false when it has more."""
         with self._read() as conn:
             rows = conn.execute(
-                "SELECT m.message_id, l.kind, l.record_id FROM messages m"
-                " JOIN links l ON l.message_pk = m.pk"
-                " WHERE m.account = ? AND m.private = 0 AND m.message_id <> '' LIMIT ?",
+                "SELECT m.message_id, m.private, l.kind, l.record_id FROM messages m"
+                " LEFT JOIN links l ON l.message_pk = m.pk"
+                " WHERE m.account = ? AND m.message_id <> '' LIMIT ?",
                 (account, PRELOAD_THREAD_LINKS + 1),
             ).fetchall()
         if len(rows) > PRELOAD_THREAD_LINKS:
@@ -584,8 +585,10 @@ class SqlStore(ABC):
             return False
         batch.thread_loads += 1
         loaded: dict[str, set[tuple[str, str]]] = {}
-        for message_id, kind, rid in rows:
-            loaded.setdefault(message_id, set()).add((kind, rid))
+        for message_id, private, kind, rid in rows:
+            keys = loaded.setdefault(message_id, set())
+            if kind is not None and not private:
+                keys.add((kind, rid))
         batch.threads = {k: v for k, v in batch.threads.items() if k[0] != account}
         batch.threads.update(((account, m), keys) for m, keys in loaded.items())
         batch.threads_complete.add(account)
@@ -607,6 +610,15 @@ class SqlStore(ABC):
                 return None
             keys.update(cached)
         return keys
+
+    def _known_absent(self, account: str, message_id: str) -> bool:
+        """The batch's cache holds every message of the account, and not this one."""
+        batch = self._records_cache()
+        return (
+            batch is not None
+            and account in batch.threads_complete
+            and (account, message_id) not in batch.threads
+        )
 
     @staticmethod
     def _thread_links(
