@@ -168,7 +168,7 @@ class LinkFilter:
             for value in headers.get_all(field):
                 try:
                     mailboxes = parse_mailboxes(value)
-                    emails = [(name, self._normalized(addr)) for name, addr in mailboxes]
+                    emails = [(name, self.normalized(addr)) for name, addr in mailboxes]
                 except AmbiguousAddressError as exc:
                     raise AmbiguousAddressError(f"{field}: {exc}") from None
                 for name, email in emails:
@@ -184,7 +184,7 @@ class LinkFilter:
                     return True
         return bool(self._private_tag) and self._private_tag in subject.casefold()
 
-    def _normalized(self, addr: str) -> str:
+    def normalized(self, addr: str) -> str:
         """``normalize_address(addr)``, through the forms cache (the first form is that)."""
         forms = self.forms(addr)
         return forms[0] if forms else normalize_address(addr)  # raises for this address

@@ -86,7 +86,7 @@ class Preparer:
         return Prepared(headers, decision, draft)
 
     def facts(self, headers: HeaderBlock) -> MessageFacts:
-        return MessageFacts(headers, self._policy.secret)
+        return MessageFacts(headers, self._policy.secret, self._filter.normalized)
 
     def decide(
         self,
@@ -101,7 +101,7 @@ class Preparer:
         Raises DkimPending when the DKIM key lookup failed for now: the file is left as it is
         and judged again at the next rescan."""
         policy = self._policy
-        facts = MessageFacts(headers, policy.secret)
+        facts = MessageFacts(headers, policy.secret, self._filter.normalized)
         decision = policy.rules.decide(facts)
         if decision.move is None and folder.upper() == "INBOX":
             own = self._own_of(account)

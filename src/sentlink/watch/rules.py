@@ -45,9 +45,16 @@ class MessageFacts:
     """What the rules look at, from one parsed header block; each field is parsed on first use
     (most messages need From only, and most folders no address at all)."""
 
-    def __init__(self, headers: HeaderBlock, secret: bytes | None) -> None:
+    def __init__(
+        self,
+        headers: HeaderBlock,
+        secret: bytes | None,
+        normalize: Callable[[str], str] = normalize_address,
+    ) -> None:
+        """``normalize``: ``normalize_address``, or a cached equivalent of it."""
         self.headers = headers
         self._secret = secret
+        self._normalize = normalize
 
     @_once
     def trace_account(self) -> str | None:
@@ -63,19 +70,19 @@ class MessageFacts:
 
     @_once
     def from_(self) -> tuple[str, ...]:
-        return _addresses(self.headers, "From")
+        return _addresses(self.headers, "From", self._normalize)
 
     @_once
     def to(self) -> tuple[str, ...]:
-        return _addresses(self.headers, "To")
+        return _addresses(self.headers, "To", self._normalize)
 
     @_once
     def cc(self) -> tuple[str, ...]:
-        return _addresses(self.headers, "Cc")
+        return _addresses(self.headers, "Cc", self._normalize)
 
     @_once
     def bcc(self) -> tuple[str, ...]:
-        return _addresses(self.headers, "Bcc")
+        return _addresses(self.headers, "Bcc", self._normalize)
 
     @_once
     def subject(self) -> str:
@@ -235,14 +242,14 @@ def _plain_addresses(value: str) -> list[str] | None:
     return found
 
 
-def _addresses(headers: HeaderBlock, name: str) -> tuple[str, ...]:
+def _addresses(headers: HeaderBlock, name: str, normalize: Callable[[str], str]) -> tuple[str, ...]:
     found: list[str] = []
     for value in headers.get_all(name):
         try:
             plain = _plain_addresses(value)
             if plain is None:
                 plain = [addr for _, addr in parse_mailboxes(value)]
-            found.extend(normalize_address(addr) for addr in plain)
+            found.extend(normalize(addr) for addr in plain)
         except AmbiguousAddressError:
             continue  # an ambiguous field proves nothing: it never makes a message self-sent
     return tuple(found)
