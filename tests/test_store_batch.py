@@ -322,12 +322,12 @@ def test_records_looked_up_together_answer_as_one_by_one(
     assert primed == expected
 
 
-@pytest.mark.parametrize("whole", [True, False], ids=["links-loaded-whole", "per-chunk"])
+# 0: every account is above the size that is loaded whole; looked up per chunk.
+@pytest.mark.parametrize("preload", [sql.PRELOAD_THREAD_LINKS, 0], ids=["whole", "per-chunk"])
 def test_thread_links_looked_up_together_follow_every_write(
-    stores: Callable[[], Store], whole: bool, monkeypatch: pytest.MonkeyPatch
+    stores: Callable[[], Store], preload: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if not whole:  # an account above the size that is loaded whole
-        monkeypatch.setattr(sql, "PRELOAD_THREAD_LINKS", 0)
+    monkeypatch.setattr(sql, "PRELOAD_THREAD_LINKS", preload)
     store, other = stores(), stores()
     dana = Record("contact", "c2", "Dana", ("dana@newco.test",))
     store.upsert_records([BOB, dana])
