@@ -322,6 +322,44 @@ def test_records_looked_up_together_answer_as_one_by_one(
     assert primed == expected
 
 
+# 0: every account is above the size that is loaded whole; looked up per chunk.
+@pytest.mark.parametrize("preload", [sql.PRELOAD_THREAD_LINKS, 0], ids=["whole", "per-chunk"])
+def test_thread_links_looked_up_together_follow_every_write(
+    stores: Callable[[], Store], preload: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sql, "PRELOAD_THREAD_LINKS", preload)
+    store, other = stores(), stores()
+    dana = Record("contact", "c2", "Dana", ("dana@newco.test",))
+    store.upsert_records([BOB, dana])
+    assert save(store, "old")
+    new = [info(f"n{i}") for i in range(3)]
+
+    def thread(m: str) -> list[str]:
+        return [r.id for r in store.linked_records_for_message_ids("alice", [f"{m}@x.test"])]
+
+    def files(m: str) -> list[str]:
+        return [f.uniq for f in store.message_files("alice", f"{m}@x.test")]
+
+    with store.batch(max_writes=1):  # each write commits: the other store can write too
+        store.prime_thread_links("alice", ["old@x.test", "n0@x.test", "n1@x.test", "nix@x.test"])
+        assert (thread("old"), thread("n0"), thread("nix")) == (["c1"], [], [])
+        assert (files("old"), files("n0")) == (["old"], [])
+        assert store.save_messages([SaveRequest(m, [link(m)]) for m in new[:2]]) == [True] * 2
+        assert store.save_message(new[2], [link(new[2])])
+        assert (thread("n0"), thread("n1"), thread("n2")) == (["c1"], ["c1"], ["c1"])
+        assert (files("n0"), files("n1"), files("n2")) == (["n0"], ["n1"], ["n2"])
+        assert not store.save_message(info("copy", "n2@x.test"), [])
+        assert files("n2") == ["n2", "copy"]
+        dana_link = Link("alice", "old@x.test", dana, "dana@newco.test", "to", "address", "sent")
+        assert store.add_links(info("old"), [dana_link]) == 1
+        assert thread("old") == ["c1", "c2"]
+        late = info("late")
+        assert other.save_message(late, [link(late)])
+        assert (thread("late"), files("late")) == (["c1"], ["late"])
+        assert store.forget_messages([("alice", "n0")]) == 1
+        assert (thread("n0"), files("n0")) == ([], [])
+
+
 def test_primed_records_are_answered_from_the_batch_transaction(pg_cluster: PgCluster) -> None:
     # PostgreSQL: another connection can commit while the batch's transaction is open (with
     # SQLite the batch holds the write lock, so nobody can).

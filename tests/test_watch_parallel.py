@@ -4,6 +4,7 @@ crash in the middle must lose nothing the next reconcile does not put right."""
 
 from __future__ import annotations
 
+import pickle
 import shutil
 import sqlite3
 import subprocess
@@ -13,9 +14,13 @@ from pathlib import Path
 import pytest
 
 from sentlink.config.models import Config
-from sentlink.model import Record
+from sentlink.headers import parse_header_bytes
+from sentlink.linker import Draft
+from sentlink.model import Participant, Record
 from sentlink.store import open_store
 from sentlink.watch.oneshot import Reconcile
+from sentlink.watch.prepare import Prepared, pack, unpack
+from sentlink.watch.rules import Decision
 from test_watch_inbox import ALICE, SECRET, drop, mail, make_config, traced
 
 SERIAL = 10**9  # parallel_from: never
@@ -198,3 +203,18 @@ def outcome(base: Path) -> tuple[object, ...]:
     finally:
         store.close()
     return rows["layout"], rows["records"], linked, indexed
+
+
+def test_what_the_worker_sends_back_unpacks_to_the_slim_preparation() -> None:
+    headers = parse_header_bytes(
+        b"Received: by mx\nFrom: Bob <bob@customer.test>\nMessage-ID: <m1@x>\n"
+        b"To: alice@example.test, carol@other.test\nX-Sentlink-Trace: t\nSubject: s"
+    )
+    bob = Participant("bob@customer.test", "from", "Bob")
+    carol = Participant("carol@other.test", "cc")
+    draft = Draft("m1@x", "s", "", ("r1@x",), False, (bob, carol), "", "", (carol,))
+    for decision in (Decision(), Decision(False, "Sent", "S", ("rule a",))):
+        prepared = Prepared(headers, decision, draft)
+        got = unpack(pickle.loads(pickle.dumps(pack(prepared))))
+        assert got == prepared.slim()
+        assert got.headers.get("message-id") == "<m1@x>" and got.headers.get("to") == ""

@@ -35,7 +35,8 @@ class HeaderBlock:
 
     @cached_property
     def _by_name(self) -> dict[str, list[str]]:
-        """Values by lowercased field name, built on the first lookup (a dozen per message)."""
+        """Values by lowercased field name, built on the first lookup (a dozen per message);
+        ``parse_header_bytes`` builds it as it splits the fields."""
         index: dict[str, list[str]] = {}
         for field, value in self.fields:
             index.setdefault(field.lower(), []).append(value)
@@ -115,6 +116,7 @@ def parse_header_bytes(raw: bytes, truncated: bool = False) -> HeaderBlock:
         text, _newline, partial = text.rpartition("\n")
         cut_field = partial[:1] in (" ", "\t")  # the cap fell inside a folded field
     fields: list[tuple[str, str]] = []
+    index: dict[str, list[str]] = {}
     pos, end = 0, len(text)
     # Fast pass: consecutive fields from the start. The first gap (a line that is not a field)
     # goes to the line-by-line loop below.
@@ -124,7 +126,9 @@ def parse_header_bytes(raw: bytes, truncated: bool = False) -> HeaderBlock:
         name, value = field.groups()
         if "\n" in value:  # unfolding: drop each line break, keep the whitespace after it
             value = value.replace("\r\n", "").replace("\n", "")
-        fields.append((name, value.strip()))
+        value = value.strip()
+        fields.append((name, value))
+        index.setdefault(name.lower(), []).append(value)
         pos = field.end()
     while pos < end:
         match = _FIELD_WITH_CONTINUATIONS.match(text, pos)
@@ -132,7 +136,9 @@ def parse_header_bytes(raw: bytes, truncated: bool = False) -> HeaderBlock:
             name, value = match.groups()
             if "\n" in value:
                 value = value.replace("\r\n", "").replace("\n", "")
-            fields.append((name, value.strip()))
+            value = value.strip()
+            fields.append((name, value))
+            index.setdefault(name.lower(), []).append(value)
             pos = match.end()
             continue
         line_end = text.find("\n", pos)
@@ -143,8 +149,16 @@ def parse_header_bytes(raw: bytes, truncated: bool = False) -> HeaderBlock:
             break
         pos = end if line_end < 0 else line_end + 1
     if cut_field and fields:
-        fields.pop()
-    return HeaderBlock(fields=tuple(fields), truncated=truncated)
+        name, _value = fields.pop()
+        values = index[name.lower()]
+        values.pop()
+        if not values:
+            del index[name.lower()]
+    block = HeaderBlock(fields=tuple(fields), truncated=truncated)
+    # The lookup index, built in the same pass: cached_property then finds it in the instance
+    # dictionary and never runs (nor takes the lock it holds on a first access in 3.11).
+    block.__dict__["_by_name"] = index
+    return block
 
 
 def read_headers(path: Path, max_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> HeaderBlock:

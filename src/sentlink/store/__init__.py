@@ -157,6 +157,12 @@ class Store(Protocol):
         are answered from the batch's cache. Outside a batch it does nothing; ``emails`` is
         only iterated when it is needed."""
 
+    def prime_thread_links(self, account: str, message_ids: Iterable[str]) -> None:
+        """Inside ``batch()``: look up which records these messages of the account are linked
+        to, together now, so ``linked_records_for_message_ids`` calls that name only such ids
+        are answered from the batch's cache (kept true across the batch's own writes). Outside
+        a batch it does nothing."""
+
     def has_message(self, account: str, uniq: str) -> bool:
         """Whether the file with this Maildir unique name is already indexed."""
 

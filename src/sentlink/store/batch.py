@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
 # Addresses whose records a batch keeps (see WriteBatch.records).
 MAX_CACHED_ADDRESSES = 200_000
+# Message-IDs whose thread links a batch keeps (see WriteBatch.threads).
+MAX_CACHED_THREADS = 200_000
 
 Finish = Callable[[bool], None]  # commit (True) or roll back (False) the open transaction
 
@@ -58,6 +60,15 @@ class WriteBatch:
     # SqlStore.prime_records): an address not in it has no record.
     records_complete: bool = False
     full_loads: int = 0  # whole loads so far; a batch whose loads keep going stale stops
+    # The (kind, id) of the records linked to each (account, Message-ID) looked up together
+    # (SqlStore.prime_thread_links), held and dropped with ``records``; for the accounts in
+    # ``threads_complete`` (loaded whole), a Message-ID not in it has no message at all. This
+    # thread's writes keep it true: a new message's entry is set to the links written; a write
+    # that may change an indexed message's links (or drop it) sets its entry to None (ask the
+    # database).
+    threads: dict[tuple[str, str], set[tuple[str, str]] | None] = field(default_factory=dict)
+    threads_complete: set[str] = field(default_factory=set)
+    thread_loads: int = 0  # whole loads so far, as full_loads
 
     def begin(self, conn: Connection, finish: Finish, records_version: object = None) -> None:
         self.conn, self.finish = conn, finish
@@ -83,6 +94,8 @@ class WriteBatch:
     def _clear_records(self) -> None:
         self.records = {}
         self.records_complete = False
+        self.threads = {}
+        self.threads_complete = set()
 
     def due(self) -> bool:
         return self.writes >= self.max_writes or time.monotonic() - self.started >= self.max_seconds

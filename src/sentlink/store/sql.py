@@ -27,7 +27,7 @@ from sentlink.store import (
     StoreError,
     UnmatchedRow,
 )
-from sentlink.store.batch import MAX_CACHED_ADDRESSES, Finish, WriteBatch
+from sentlink.store.batch import MAX_CACHED_ADDRESSES, MAX_CACHED_THREADS, Finish, WriteBatch
 
 log = logging.getLogger("sentlink.store")
 
@@ -68,6 +68,11 @@ PRELOAD_ADDRESSES = 50_000
 # Whole loads per batch: one that other connections' commits keep making stale (records are
 # dropped on any commit elsewhere, SQLite's data_version) falls back to lookups per chunk.
 _FULL_LOADS = 2
+# An account with at most this many messages and links has them all loaded for a reconcile's
+# thread lookups (prime_thread_links), as the records are; its copies lookups (message_files)
+# then skip the query for a Message-ID it does not have.
+PRELOAD_THREAD_LINKS = 50_000
+_NO_LINKS: frozenset[tuple[str, str]] = frozenset()
 
 
 # The records having an address (m.email), each with all its addresses, one row per address.
@@ -371,7 +376,7 @@ class SqlStore(ABC):
             return {uniq for (uniq,) in rows}
 
     def message_files(self, account: str, message_id: str) -> list[IndexedFile]:
-        if not message_id:
+        if not message_id or self._known_absent(account, message_id):
             return []
         with self._read() as conn:
             # "message_id <> ''" lets the planner use the partial index on Message-IDs; the
@@ -403,6 +408,7 @@ class SqlStore(ABC):
     ) -> bool:
         # The common case, a message and a file never seen, costs two inserts and no lookup:
         # the unique keys on (account, Message-ID) and (account, uniq) answer "already indexed".
+        self._forget_threads(info.account, info.message_id)
         with self._write() as conn:
             row = conn.execute(
                 "INSERT INTO messages"
@@ -506,6 +512,7 @@ class SqlStore(ABC):
     ) -> int:
         if not info.message_id or not links:
             return 0
+        self._forget_threads(info.account, info.message_id)
         with self._write() as conn:
             row = conn.execute(
                 "SELECT pk FROM messages WHERE account = ? AND message_id = ?"
@@ -537,21 +544,130 @@ class SqlStore(ABC):
         self, account: str, message_ids: Sequence[str]
     ) -> list[Record]:
         ids = sorted({m for m in message_ids if m})
-        keys: set[tuple[str, str]] = set()
+        keys = self._cached_thread_keys(account, ids)
+        if keys is not None and not keys:
+            return []  # the usual answer from the cache: no query at all
         with self._read() as conn:
-            for chunk in chunks(ids):
-                marks = ", ".join("?" * len(chunk))
-                # No DISTINCT: the set drops repeats without the temporary B-tree SQLite
-                # builds for it on every call (this runs for every message with references).
-                rows = conn.execute(
-                    "SELECT l.kind, l.record_id FROM messages m"
-                    " JOIN links l ON l.message_pk = m.pk"
-                    f" WHERE m.account = ? AND m.private = 0 AND m.message_id IN ({marks})"
-                    " AND m.message_id <> ''",
-                    (account, *chunk),
-                )
-                keys.update((k, r) for k, r in rows)
+            if keys is None:
+                keys = set()
+                for found in self._thread_links(conn, account, ids).values():
+                    keys.update(found)
             return self._load_records(conn, sorted(keys))
+
+    def prime_thread_links(self, account: str, message_ids: Iterable[str]) -> None:
+        batch = self._records_cache()
+        if batch is None or account in batch.threads_complete:
+            return
+        if batch.thread_loads < _FULL_LOADS and self._load_all_thread_links(batch, account):
+            return
+        cached = batch.threads
+        wanted = sorted({m for m in message_ids if m and cached.get((account, m)) is None})
+        if not wanted:
+            return
+        if len(cached) + len(wanted) > MAX_CACHED_THREADS:
+            self._forget_threads()  # a bound on memory; later chunks are looked up anew
+        with self._read() as conn:
+            found = self._thread_links(conn, account, wanted)
+        batch.threads.update(((account, m), keys) for m, keys in found.items())
+
+    def _load_all_thread_links(self, batch: WriteBatch, account: str) -> bool:
+        """An account with up to PRELOAD_THREAD_LINKS messages and links is read whole into
+        the batch's cache (a first reconcile finds none at all); false when it has more."""
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT m.message_id, m.private, l.kind, l.record_id FROM messages m"
+                " LEFT JOIN links l ON l.message_pk = m.pk"
+                " WHERE m.account = ? AND m.message_id <> '' LIMIT ?",
+                (account, PRELOAD_THREAD_LINKS + 1),
+            ).fetchall()
+        if len(rows) > PRELOAD_THREAD_LINKS:
+            batch.thread_loads = _FULL_LOADS  # not again in this batch
+            return False
+        batch.thread_loads += 1
+        loaded: dict[str, set[tuple[str, str]]] = {}
+        for message_id, private, kind, rid in rows:
+            keys = loaded.setdefault(message_id, set())
+            if kind is not None and not private:
+                keys.add((kind, rid))
+        batch.threads = {k: v for k, v in batch.threads.items() if k[0] != account}
+        batch.threads.update(((account, m), keys) for m, keys in loaded.items())
+        batch.threads_complete.add(account)
+        return True
+
+    def _cached_thread_keys(self, account: str, ids: Sequence[str]) -> set[tuple[str, str]] | None:
+        """The records linked to any of ``ids`` from the batch's cache, or None unless it
+        answers for every one of them (the caller then asks the database)."""
+        if not ids:
+            return set()
+        batch = self._records_cache()
+        if batch is None or not (batch.threads or batch.threads_complete):
+            return None
+        complete = account in batch.threads_complete
+        keys: set[tuple[str, str]] = set()
+        for message_id in ids:
+            cached = batch.threads.get((account, message_id), _NO_LINKS if complete else None)
+            if cached is None:
+                return None
+            keys.update(cached)
+        return keys
+
+    def _known_absent(self, account: str, message_id: str) -> bool:
+        """The batch's cache holds every message of the account, and not this one."""
+        batch = self._records_cache()
+        return (
+            batch is not None
+            and account in batch.threads_complete
+            and (account, message_id) not in batch.threads
+        )
+
+    @staticmethod
+    def _thread_links(
+        conn: Connection, account: str, ids: Sequence[str]
+    ) -> dict[str, set[tuple[str, str]]]:
+        """``(kind, id)`` of the records linked to each of ``ids`` (none for an unknown or
+        private message)."""
+        found: dict[str, set[tuple[str, str]]] = {m: set() for m in ids}
+        for chunk in chunks(ids):
+            marks = ", ".join("?" * len(chunk))
+            # No DISTINCT: the sets drop repeats without the temporary B-tree SQLite builds
+            # for it on every call (this runs for every message with references).
+            rows = conn.execute(
+                "SELECT m.message_id, l.kind, l.record_id FROM messages m"
+                " JOIN links l ON l.message_pk = m.pk"
+                f" WHERE m.account = ? AND m.private = 0 AND m.message_id IN ({marks})"
+                " AND m.message_id <> ''",
+                (account, *chunk),
+            )
+            for message_id, kind, rid in rows:
+                found[message_id].add((kind, rid))
+        return found
+
+    def _forget_threads(self, account: str | None = None, message_id: str = "") -> None:
+        """Before a write that may change links: one message's cached ones are not known any
+        more, or (no account) none are."""
+        batch: WriteBatch | None = getattr(self._local, "batch", None)
+        if batch is None:
+            return
+        if account is None:
+            batch.threads = {}
+            batch.threads_complete = set()
+        elif message_id:
+            batch.threads[(account, message_id)] = None
+
+    def _new_messages_written(self, requests: Sequence[SaveRequest]) -> None:
+        """Messages just written as new, each with exactly its ``links``: what a thread lookup
+        of them now finds."""
+        batch: WriteBatch | None = getattr(self._local, "batch", None)
+        if batch is None:
+            return
+        if len(batch.threads) + len(requests) > MAX_CACHED_THREADS:
+            self._forget_threads()
+        for r in requests:
+            if r.info.message_id:
+                keys: set[tuple[str, str]] = set()
+                if not r.info.private:
+                    keys.update((ln.record.kind, ln.record.id) for ln in r.links)
+                batch.threads[(r.info.account, r.info.message_id)] = keys
 
     def query_links(
         self,
@@ -611,6 +727,7 @@ class SqlStore(ABC):
         self, account: str, present_uniqs: Collection[str], folder: str | None = None
     ) -> int:
         present = set(present_uniqs)
+        self._forget_threads()
         with self._write() as conn:
             sql = "SELECT uniq, message_pk FROM message_files WHERE account = ?"
             params: tuple[str, ...] = (account,)
@@ -632,6 +749,7 @@ class SqlStore(ABC):
         return len(gone)
 
     def forget_account(self, account: str) -> int:
+        self._forget_threads()
         with self._write() as conn:
             # message_files and links go with their message (ON DELETE CASCADE).
             return conn.execute("DELETE FROM messages WHERE account = ?", (account,)).rowcount
@@ -863,6 +981,7 @@ class SqlStore(ABC):
 
     def forget_messages(self, keys: Collection[tuple[str, str]]) -> int:
         count = 0
+        self._forget_threads()
         with self._write() as conn:
             for account, uniq in keys:
                 count += conn.execute(

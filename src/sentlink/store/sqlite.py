@@ -245,6 +245,7 @@ class SqliteStore(SqlStore):
             for r in requests:
                 for event in r.events:
                     self._insert_event(conn, event)
+        self._new_messages_written(requests)
 
     def schema_version(self) -> int:
         with self._read() as conn:

@@ -21,7 +21,7 @@ from sentlink.config.models import AccountConfig
 from sentlink.headers import HeaderBlock, read_headers
 from sentlink.linker import Draft, LinkFilter
 from sentlink.maildir.names import merge_flags
-from sentlink.model import Direction
+from sentlink.model import Direction, Participant, Role
 from sentlink.trace import TRACE_HEADER
 from sentlink.watch.dkim_proof import DkimPending, DkimVerifier
 from sentlink.watch.policy import WatchPolicy
@@ -56,8 +56,8 @@ class Prepared:
 
     def slim(self) -> Prepared:
         """The same, with only the header fields read after preparing (less to send back)."""
-        fields = tuple(f for f in self.headers.fields if f[0].lower() in _KEPT_FIELDS)
-        return replace(self, headers=HeaderBlock(fields, self.headers.truncated))
+        fields = tuple([f for f in self.headers.fields if f[0].lower() in _KEPT_FIELDS])
+        return Prepared(HeaderBlock(fields, self.headers.truncated), self.decision, self.draft)
 
 
 class Preparer:
@@ -86,7 +86,7 @@ class Preparer:
         return Prepared(headers, decision, draft)
 
     def facts(self, headers: HeaderBlock) -> MessageFacts:
-        return MessageFacts(headers, self._policy.secret)
+        return MessageFacts(headers, self._policy.secret, self._filter.normalized)
 
     def decide(
         self,
@@ -101,7 +101,7 @@ class Preparer:
         Raises DkimPending when the DKIM key lookup failed for now: the file is left as it is
         and judged again at the next rescan."""
         policy = self._policy
-        facts = MessageFacts(headers, policy.secret)
+        facts = MessageFacts(headers, policy.secret, self._filter.normalized)
         decision = policy.rules.decide(facts)
         if decision.move is None and folder.upper() == "INBOX":
             own = self._own_of(account)
@@ -147,15 +147,70 @@ class Preparer:
         return own
 
 
+# A slim Prepared as the worker sends it back: header fields, truncated, the decision (None for
+# the default one), then the draft's fields with each participant as (email, role, name) and
+# the candidates as positions among them. Tuples and strings pickle and unpickle several times
+# faster than the dataclasses they stand for (each an object with a state dictionary).
+Packed = tuple[
+    tuple[tuple[str, str], ...],
+    bool,
+    Decision | None,
+    str,
+    str,
+    str,
+    tuple[str, ...],
+    bool,
+    tuple[tuple[str, Role, str], ...],
+    str,
+    str,
+    tuple[int, ...],
+]
+_DEFAULT_DECISION = Decision()
+
+
+def pack(prepared: Prepared) -> Packed:
+    """``prepared.slim()``, as sent back to the main process (see ``unpack``)."""
+    headers, decision, d = prepared.headers, prepared.decision, prepared.draft
+    participants = d.participants
+    return (
+        tuple([f for f in headers.fields if f[0].lower() in _KEPT_FIELDS]),
+        headers.truncated,
+        None if decision == _DEFAULT_DECISION else decision,
+        d.message_id,
+        d.subject,
+        d.date,
+        d.refs,
+        d.private,
+        tuple([(p.email, p.role, p.display_name) for p in participants]),
+        d.ambiguous,
+        d.skip,
+        tuple([participants.index(c) for c in d.candidates]),
+    )
+
+
+def unpack(packed: Packed) -> Prepared:
+    """The slim Prepared that ``pack`` was given."""
+    participants = tuple([Participant(email, role, name) for email, role, name in packed[8]])
+    draft = Draft(
+        *packed[3:8],
+        participants,
+        packed[9],
+        packed[10],
+        tuple([participants[i] for i in packed[11]]),
+    )
+    return Prepared(HeaderBlock(packed[0], packed[1]), packed[2] or _DEFAULT_DECISION, draft)
+
+
 def prepare_chunk(
     preparer: Preparer, account: AccountConfig, folder: str, paths: Sequence[Path]
-) -> list[Prepared | None]:
-    """``Preparer.prepare`` for each path, in a worker process. A file that fails gives None:
-    the main process then handles it from the start itself, and reports what goes wrong."""
-    prepared: list[Prepared | None] = []
+) -> list[Packed | None]:
+    """``Preparer.prepare`` for each path, in a worker process, packed (``unpack`` gives the
+    slim Prepared back). A file that fails gives None: the main process then handles it from
+    the start itself, and reports what goes wrong."""
+    prepared: list[Packed | None] = []
     for path in paths:
         try:
-            prepared.append(preparer.prepare(account, folder, path).slim())
+            prepared.append(pack(preparer.prepare(account, folder, path)))
         except Exception:
             prepared.append(None)
     return prepared

@@ -9,11 +9,11 @@ handler carries out, or that ``sentlink watch --dry-run`` prints.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from email.errors import HeaderParseError
 from email.header import decode_header, make_header
-from functools import cached_property
+from typing import Any, Generic, TypeVar, cast
 
 from sentlink.addresses import AmbiguousAddressError, normalize_address, parse_mailboxes
 from sentlink.config.models import AccountConfig, RuleCondition, WatchRule
@@ -23,16 +23,40 @@ from sentlink.trace import TRACE_HEADER, verify
 
 SelfSentRequire = str  # "none" | "trace" (validated by the config model)
 
+_T = TypeVar("_T")
+
+
+class _once(Generic[_T]):
+    """functools.cached_property without its lock: CPython 3.11 takes one on every first
+    access, which cost more than most of these fields; a MessageFacts stays in one thread."""
+
+    def __init__(self, compute: Callable[[Any], _T]) -> None:
+        self._compute = compute
+        self._name = compute.__name__
+
+    def __get__(self, instance: object, owner: type | None = None) -> _T:
+        if instance is None:
+            return cast(_T, self)
+        value = instance.__dict__[self._name] = self._compute(instance)
+        return value
+
 
 class MessageFacts:
     """What the rules look at, from one parsed header block; each field is parsed on first use
     (most messages need From only, and most folders no address at all)."""
 
-    def __init__(self, headers: HeaderBlock, secret: bytes | None) -> None:
+    def __init__(
+        self,
+        headers: HeaderBlock,
+        secret: bytes | None,
+        normalize: Callable[[str], str] = normalize_address,
+    ) -> None:
+        """``normalize``: ``normalize_address``, or a cached equivalent of it."""
         self.headers = headers
         self._secret = secret
+        self._normalize = normalize
 
-    @cached_property
+    @_once
     def trace_account(self) -> str | None:
         """The account a valid trace header names, if any."""
         if self._secret is None:
@@ -44,23 +68,23 @@ class MessageFacts:
                 return account
         return None
 
-    @cached_property
+    @_once
     def from_(self) -> tuple[str, ...]:
-        return _addresses(self.headers, "From")
+        return _addresses(self.headers, "From", self._normalize)
 
-    @cached_property
+    @_once
     def to(self) -> tuple[str, ...]:
-        return _addresses(self.headers, "To")
+        return _addresses(self.headers, "To", self._normalize)
 
-    @cached_property
+    @_once
     def cc(self) -> tuple[str, ...]:
-        return _addresses(self.headers, "Cc")
+        return _addresses(self.headers, "Cc", self._normalize)
 
-    @cached_property
+    @_once
     def bcc(self) -> tuple[str, ...]:
-        return _addresses(self.headers, "Bcc")
+        return _addresses(self.headers, "Bcc", self._normalize)
 
-    @cached_property
+    @_once
     def subject(self) -> str:
         return _decoded(self.headers.get("Subject"))
 
@@ -218,14 +242,14 @@ def _plain_addresses(value: str) -> list[str] | None:
     return found
 
 
-def _addresses(headers: HeaderBlock, name: str) -> tuple[str, ...]:
+def _addresses(headers: HeaderBlock, name: str, normalize: Callable[[str], str]) -> tuple[str, ...]:
     found: list[str] = []
     for value in headers.get_all(name):
         try:
             plain = _plain_addresses(value)
             if plain is None:
                 plain = [addr for _, addr in parse_mailboxes(value)]
-            found.extend(normalize_address(addr) for addr in plain)
+            found.extend(normalize(addr) for addr in plain)
         except AmbiguousAddressError:
             continue  # an ambiguous field proves nothing: it never makes a message self-sent
     return tuple(found)

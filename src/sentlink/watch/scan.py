@@ -11,7 +11,7 @@ import logging
 import multiprocessing
 import os
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,7 +26,7 @@ from sentlink.model import Direction
 from sentlink.store import SaveRequest, Store
 from sentlink.watch.handler import MessageHandler, Outcome, Staged, WatchPolicy, relative
 from sentlink.watch.known import KnownFiles, known_files_for
-from sentlink.watch.prepare import Prepared, Preparer, init_worker, prepare_chunk
+from sentlink.watch.prepare import Packed, Prepared, Preparer, init_worker, prepare_chunk, unpack
 
 log = logging.getLogger("sentlink.watch")
 
@@ -352,7 +352,7 @@ class _Workers:
 
     def submit(
         self, preparer: Preparer, ref: FolderRef, paths: Sequence[Path]
-    ) -> Future[list[Prepared | None]] | None:
+    ) -> Future[list[Packed | None]] | None:
         """The job preparing ``paths``, or None when there is no worker (the main process then
         prepares each file itself)."""
         if self.failed:
@@ -377,12 +377,12 @@ class _Workers:
             return None
 
     def results(
-        self, job: Future[list[Prepared | None]] | None, count: int
+        self, job: Future[list[Packed | None]] | None, count: int
     ) -> Sequence[Prepared | None]:
         if job is None:
             return [None] * count
         try:
-            return job.result()
+            return [None if p is None else unpack(p) for p in job.result()]
         except Exception as exc:  # the worker died: the main process prepares the files
             if not self.failed:
                 log.warning("preparing files in a worker process failed: %s", exc)
@@ -396,7 +396,7 @@ def _pipeline(
     preparer: Preparer,
     ref: FolderRef,
     paths: Sequence[Path],
-    prime: Callable[[Iterable[Draft]], None],
+    prime: Callable[[str, Sequence[Draft]], None],
 ) -> Iterator[tuple[Path, Prepared | None]]:
     """``paths`` in order, each with what the worker prepared for it (None: not prepared).
 
@@ -407,7 +407,7 @@ def _pipeline(
     ``prime`` gets each prepared chunk's drafts first: their records are looked up together.
     """
     chunks = [paths[i : i + _CHUNK] for i in range(0, len(paths), _CHUNK)]
-    jobs: deque[Future[list[Prepared | None]] | None] = deque()
+    jobs: deque[Future[list[Packed | None]] | None] = deque()
     warmed = submitted = 0
     for index, chunk in enumerate(chunks):
         while warmed < len(chunks) and warmed <= index + _WARM_AHEAD:
@@ -422,7 +422,7 @@ def _pipeline(
             jobs.append(workers.submit(preparer, ref, chunks[submitted]))
             submitted += 1
         results = workers.results(jobs.popleft(), len(chunk))
-        prime(p.draft for p in results if p is not None)
+        prime(ref.account.name, [p.draft for p in results if p is not None])
         yield from zip(chunk, results, strict=True)
 
 
