@@ -93,99 +93,95 @@ class CountingUpstream:
         return "221 Bye"
 
 
-def test_next_session_reuses_the_idle_upstream_connection(
-    lab_tmp_path: Path, proxies: Callable[[str], ProxyThread]
-) -> None:
+@pytest.fixture
+def counting() -> Iterator[tuple[CountingUpstream, int]]:
+    """A counting aiosmtpd upstream on loopback: (its handler, its port)."""
     handler = CountingUpstream()
     controller = Controller(handler, hostname=LOOPBACK, port=free_port())
     controller.start()
-    try:
-        upstream = f"{{host: {LOOPBACK}, port: {controller.port}, tls: none, auth: none}}"
-        text = proxy_config(
-            lab_tmp_path, lab_tmp_path / "mail", upstream=upstream, internal_hosts=["127.0.0.0/8"]
+    yield handler, controller.port
+    controller.stop()
+
+
+def proxy_to(
+    port: int, base: Path, proxies: Callable[[str], ProxyThread], limits: str = ""
+) -> ProxyThread:
+    """A proxy relaying to the loopback upstream on ``port`` without TLS or AUTH."""
+    upstream = f"{{host: {LOOPBACK}, port: {port}, tls: none, auth: none}}"
+    return proxies(
+        proxy_config(
+            base,
+            base / "mail",
+            upstream=upstream,
+            internal_hosts=["127.0.0.0/8"],
+            limits=limits,
+            owner="null",
         )
-        proxy = proxies(text.replace('owner: "5000:5000"', "owner: null"))
-        for _ in range(3):
-            with proxy.client() as smtp:
-                smtp.sendmail(ALICE, [OUTSIDE], build_message(ALICE, [OUTSIDE]))
-        assert len(handler.messages) == 3
-        assert handler.ehlos == 1
-    finally:
-        controller.stop()
+    )
+
+
+def test_next_session_reuses_the_idle_upstream_connection(
+    lab_tmp_path: Path,
+    proxies: Callable[[str], ProxyThread],
+    counting: tuple[CountingUpstream, int],
+) -> None:
+    handler, port = counting
+    proxy = proxy_to(port, lab_tmp_path, proxies)
+    for _ in range(3):
+        with proxy.client() as smtp:
+            smtp.sendmail(ALICE, [OUTSIDE], build_message(ALICE, [OUTSIDE]))
+    assert len(handler.messages) == 3
+    assert handler.ehlos == 1
 
 
 def test_idle_upstream_connection_is_closed_with_quit_after_the_idle_time(
-    lab_tmp_path: Path, proxies: Callable[[str], ProxyThread], monkeypatch: pytest.MonkeyPatch
+    lab_tmp_path: Path,
+    proxies: Callable[[str], ProxyThread],
+    counting: tuple[CountingUpstream, int],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # A lull must not leave pooled connections open until the next hop's own timeout (Postfix
     # would hold an smtpd process for each and log "timeout after ..." when it gives up).
     monkeypatch.setattr(proxy_pool, "IDLE_SECONDS", 1.0)
     monkeypatch.setattr(proxy_server, "SWEEP_SECONDS", 0.2)
-    handler = CountingUpstream()
-    controller = Controller(handler, hostname=LOOPBACK, port=free_port())
-    controller.start()
-    try:
-        upstream = f"{{host: {LOOPBACK}, port: {controller.port}, tls: none, auth: none}}"
-        text = proxy_config(
-            lab_tmp_path, lab_tmp_path / "mail", upstream=upstream, internal_hosts=["127.0.0.0/8"]
-        )
-        proxy = proxies(text.replace('owner: "5000:5000"', "owner: null"))
-        with proxy.client() as smtp:
-            smtp.sendmail(ALICE, [OUTSIDE], build_message(ALICE, [OUTSIDE]))
-        assert handler.quits == 0  # pooled, open
-        wait_for(lambda: handler.quits == 1, 10.0, what="QUIT of the idle upstream connection")
-        with proxy.client() as smtp:  # the next session connects anew
-            smtp.sendmail(ALICE, [OUTSIDE], build_message(ALICE, [OUTSIDE]))
-        assert handler.ehlos == 2
-        assert len(handler.messages) == 2
-    finally:
-        controller.stop()
+    handler, port = counting
+    proxy = proxy_to(port, lab_tmp_path, proxies)
+    with proxy.client() as smtp:
+        smtp.sendmail(ALICE, [OUTSIDE], build_message(ALICE, [OUTSIDE]))
+    assert handler.quits == 0  # pooled, open
+    wait_for(lambda: handler.quits == 1, 10.0, what="QUIT of the idle upstream connection")
+    with proxy.client() as smtp:  # the next session connects anew
+        smtp.sendmail(ALICE, [OUTSIDE], build_message(ALICE, [OUTSIDE]))
+    assert handler.ehlos == 2
+    assert len(handler.messages) == 2
 
 
 def test_session_ended_mid_transaction_leaves_a_clean_connection_for_the_next(
-    lab_tmp_path: Path, proxies: Callable[[str], ProxyThread]
+    lab_tmp_path: Path,
+    proxies: Callable[[str], ProxyThread],
+    counting: tuple[CountingUpstream, int],
 ) -> None:
-    handler = CountingUpstream()
-    controller = Controller(handler, hostname=LOOPBACK, port=free_port())
-    controller.start()
-    try:
-        upstream = f"{{host: {LOOPBACK}, port: {controller.port}, tls: none, auth: none}}"
-        text = proxy_config(
-            lab_tmp_path, lab_tmp_path / "mail", upstream=upstream, internal_hosts=["127.0.0.0/8"]
-        )
-        proxy = proxies(text.replace('owner: "5000:5000"', "owner: null"))
-        with proxy.client() as smtp:
-            assert smtp.mail(ALICE)[0] == 250
-            assert smtp.rcpt(OUTSIDE)[0] == 250
-        with proxy.client() as smtp:  # upstream must have had RSET: no nested MAIL error
-            assert smtp.sendmail(ALICE, [OUTSIDE], build_message(ALICE, [OUTSIDE])) == {}
-        assert len(handler.messages) == 1
-    finally:
-        controller.stop()
+    handler, port = counting
+    proxy = proxy_to(port, lab_tmp_path, proxies)
+    with proxy.client() as smtp:
+        assert smtp.mail(ALICE)[0] == 250
+        assert smtp.rcpt(OUTSIDE)[0] == 250
+    with proxy.client() as smtp:  # upstream must have had RSET: no nested MAIL error
+        assert smtp.sendmail(ALICE, [OUTSIDE], build_message(ALICE, [OUTSIDE])) == {}
+    assert len(handler.messages) == 1
 
 
 def test_message_refused_midway_for_size_leaves_the_session_usable(
-    lab_tmp_path: Path, proxies: Callable[[str], ProxyThread]
+    lab_tmp_path: Path,
+    proxies: Callable[[str], ProxyThread],
+    counting: tuple[CountingUpstream, int],
 ) -> None:
-    handler = CountingUpstream()
-    controller = Controller(handler, hostname=LOOPBACK, port=free_port())
-    controller.start()
-    try:
-        upstream = f"{{host: {LOOPBACK}, port: {controller.port}, tls: none, auth: none}}"
-        text = proxy_config(
-            lab_tmp_path,
-            lab_tmp_path / "mail",
-            upstream=upstream,
-            internal_hosts=["127.0.0.0/8"],
-            limits="{max_message_bytes: 100000}",
-        )
-        proxy = proxies(text.replace('owner: "5000:5000"', "owner: null"))
-        with proxy.client() as smtp:
-            smtp.mail(ALICE)  # no SIZE=: the limit is found while the data streams in
-            smtp.rcpt(OUTSIDE)
-            code, _ = smtp.data(build_message(ALICE, [OUTSIDE], body=dotted_body(20_000)))
-            assert code == 552
-            assert smtp.sendmail(ALICE, [OUTSIDE], build_message(ALICE, [OUTSIDE])) == {}
-        assert len(handler.messages) == 1
-    finally:
-        controller.stop()
+    handler, port = counting
+    proxy = proxy_to(port, lab_tmp_path, proxies, limits="{max_message_bytes: 100000}")
+    with proxy.client() as smtp:
+        smtp.mail(ALICE)  # no SIZE=: the limit is found while the data streams in
+        smtp.rcpt(OUTSIDE)
+        code, _ = smtp.data(build_message(ALICE, [OUTSIDE], body=dotted_body(20_000)))
+        assert code == 552
+        assert smtp.sendmail(ALICE, [OUTSIDE], build_message(ALICE, [OUTSIDE])) == {}
+    assert len(handler.messages) == 1
