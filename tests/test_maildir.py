@@ -93,13 +93,22 @@ def test_folder_marker_and_subscription_are_created_once(tmp_path: Path) -> None
     assert not (root / "subscriptions.lock").exists()
 
 
-def test_subscription_waits_briefly_for_a_lock_held_for_a_moment(tmp_path: Path) -> None:
-    # Dovecot, or another copy creating the same folder at the same moment, holds the lock
-    # for a write and a rename.
+def held_subscriptions_lock(tmp_path: Path, content: str, age: float = 0.0) -> tuple[Path, Path]:
+    """A Maildir root whose subscriptions lock someone else holds, last changed ``age`` s ago."""
     root = tmp_path / "alice"
     root.mkdir()
     lock = root / "subscriptions.lock"
-    lock.write_text("")
+    lock.write_text(content)
+    if age:
+        then = time.time() - age
+        os.utime(lock, (then, then))
+    return root, lock
+
+
+def test_subscription_waits_briefly_for_a_lock_held_for_a_moment(tmp_path: Path) -> None:
+    # Dovecot, or another copy creating the same folder at the same moment, holds the lock
+    # for a write and a rename.
+    root, lock = held_subscriptions_lock(tmp_path, "")
     releaser = threading.Timer(0.03, lock.unlink)
     releaser.start()
     try:
@@ -113,10 +122,7 @@ def test_subscription_waits_briefly_for_a_lock_held_for_a_moment(tmp_path: Path)
 def test_subscription_held_off_by_a_fresh_lock_is_made_by_the_next_call(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    root = tmp_path / "alice"
-    root.mkdir()
-    lock = root / "subscriptions.lock"
-    lock.write_text("someone else's")
+    root, lock = held_subscriptions_lock(tmp_path, "someone else's")
     with caplog.at_level(logging.INFO, logger="sentlink.maildir"):
         ensure_folder(root, "Sent", ME)
     assert (root / ".Sent" / "cur").is_dir()  # the folder is usable: copies go in
@@ -134,12 +140,7 @@ def test_subscription_held_off_by_a_fresh_lock_is_made_by_the_next_call(
 def test_stale_subscriptions_lock_is_removed_with_a_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    root = tmp_path / "alice"
-    root.mkdir()
-    lock = root / "subscriptions.lock"
-    lock.write_text("left by a crash")
-    old = time.time() - 60  # Dovecot's limit: 30 s
-    os.utime(lock, (old, old))
+    root, lock = held_subscriptions_lock(tmp_path, "left by a crash", age=60)  # Dovecot: 30 s
     with caplog.at_level(logging.WARNING, logger="sentlink.maildir"):
         ensure_folder(root, "Sent", ME)
     assert (root / "subscriptions").read_text() == "Sent\n"
