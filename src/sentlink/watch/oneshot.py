@@ -20,6 +20,7 @@ from sentlink.watch.scan import (
     PARALLEL_FROM,
     FolderRef,
     ScanSummary,
+    Workers,
     pending_by_folder,
     scan_folders,
     watched_folders,
@@ -66,16 +67,21 @@ class Reconcile:
         self._handler = MessageHandler(
             store, self._linker, WatchPolicy.from_config(config, secret), self._known
         )
+        self._workers = Workers()
 
     def __enter__(self) -> Reconcile:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._workers.__exit__(*exc)
         self._known.close()
 
     def pending(self, record_moves: bool = True) -> dict[FolderRef, list[Path]]:
-        """New files per folder (a directory listing and a set difference per folder)."""
-        return pending_by_folder(self.refs, self._store, self._known, record_moves)
+        """New files per folder (a directory listing and a set difference per folder). A folder
+        that looks like a large job starts the helper processes of ``run`` already, unless
+        ``record_moves`` is false (``--dry-run``: nothing will be run)."""
+        on_large = self._workers.start if record_moves else None
+        return pending_by_folder(self.refs, self._store, self._known, record_moves, on_large)
 
     def run(
         self,
@@ -86,7 +92,14 @@ class Reconcile:
         """Handle the ``pending`` files; a folder with ``parallel_from`` of them or more is
         prepared in a worker process (watch/scan.py)."""
         return scan_folders(
-            self.refs, self._store, self._linker, progress, self._handler, pending, parallel_from
+            self.refs,
+            self._store,
+            self._linker,
+            progress,
+            self._handler,
+            pending,
+            parallel_from,
+            self._workers,
         )
 
     def explain(self, pending: dict[FolderRef, list[Path]]) -> Iterator[Plan | Unreadable]:

@@ -12,7 +12,7 @@ import multiprocessing
 import os
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +27,7 @@ from sentlink.store import SaveRequest, Store
 from sentlink.watch.handler import MessageHandler, Outcome, Staged, WatchPolicy, relative
 from sentlink.watch.known import KnownFiles, known_files_for
 from sentlink.watch.prepare import Packed, Prepared, Preparer, init_worker, prepare_chunk, unpack
+from sentlink.watch.readahead import ReadAhead
 
 log = logging.getLogger("sentlink.watch")
 
@@ -43,12 +44,8 @@ _WRITE_GROUP = 100
 # Files per worker job, and jobs in flight ahead of the file being handled.
 _CHUNK = 256
 _PREPARE_AHEAD = 3
-# Read-ahead (see _warm): chunks in flight ahead of the file being handled, files per reader
-# job, bytes per file (what the header reader's first read asks for), threads.
+# Read-ahead (watch/readahead.py): chunks asked for ahead of the file being handled.
 _WARM_AHEAD = 5
-_WARM_JOB = 32
-_READ_AHEAD_BYTES = 16384
-_READ_AHEAD_THREADS = 4
 
 
 @dataclass(frozen=True)
@@ -170,13 +167,22 @@ def _guarded(ref: FolderRef, path: Path, work: Callable[[], _T]) -> _T | Outcome
 
 
 def pending_files(
-    store: Store, ref: FolderRef, known: KnownFiles, record_moves: bool = True
+    store: Store,
+    ref: FolderRef,
+    known: KnownFiles,
+    record_moves: bool = True,
+    on_large: Callable[[], None] | None = None,
 ) -> list[Path]:
     """Message files of ``ref`` that the store has not indexed yet. Indexed files renamed or
-    moved in by a client get their new location recorded (unless ``record_moves`` is false)."""
+    moved in by a client get their new location recorded (unless ``record_moves`` is false).
+    ``on_large`` is called as soon as the folder looks like a large job: one the store has
+    never indexed a file of, holding files, is listed; or one with PARALLEL_FROM new files."""
     if not ref.path.is_dir():
         return []
     indexed = known.folder_files(ref.account.name, ref.folder)
+    if on_large is not None and indexed == {} and _holds_files(ref.path):
+        on_large()
+        on_large = None
     listing = list_messages(ref.account.maildir, ref.folder)
     if indexed is None:
         return [p for p in listing if needs_linking(store, ref, p, record_moves)]
@@ -193,7 +199,21 @@ def pending_files(
                 pending.append(path)
         elif record_moves and file != relative_file(ref, path):
             store.move_message(ref.account.name, uniq, ref.folder, relative_file(ref, path))
+    if on_large is not None and len(pending) >= PARALLEL_FROM:
+        on_large()
     return pending
+
+
+def _holds_files(folder: Path) -> bool:
+    """Whether ``new/`` or ``cur/`` has an entry besides dotfiles (reads one directory block)."""
+    for sub in ("new", "cur"):
+        try:
+            with os.scandir(folder / sub) as entries:
+                if any(not e.name.startswith(".") for e in entries):
+                    return True
+        except OSError:
+            continue
+    return False
 
 
 @contextmanager
@@ -213,20 +233,24 @@ def scan_folders(
     handler: MessageHandler | None = None,
     pending: dict[FolderRef, list[Path]] | None = None,
     parallel_from: int = PARALLEL_FROM,
+    workers: Workers | None = None,
 ) -> ScanSummary:
     """Handle every message not yet in the store. ``progress`` is called once per new file;
     ``pending`` is what :func:`pending_by_folder` found, when the caller listed already. A
-    folder with ``parallel_from`` new files or more is prepared in a worker process."""
+    folder with ``parallel_from`` new files or more is prepared in a worker process (that of
+    ``workers`` when given, started already perhaps)."""
     if handler is None:
         with default_handler(store, linker) as made:
-            return scan_folders(refs, store, linker, progress, made, pending, parallel_from)
+            return scan_folders(
+                refs, store, linker, progress, made, pending, parallel_from, workers
+            )
+    if workers is None:
+        with Workers() as made_workers:
+            return scan_folders(
+                refs, store, linker, progress, handler, pending, parallel_from, made_workers
+            )
     summary = ScanSummary()
-    with (
-        fewer_gc_passes(),
-        handler.batch(),
-        ThreadPoolExecutor(_READ_AHEAD_THREADS, thread_name_prefix="sentlink-readahead") as pool,
-        _Workers() as workers,
-    ):
+    with fewer_gc_passes(), handler.batch():
         try:
             for ref in refs:
                 paths = (
@@ -236,7 +260,7 @@ def scan_folders(
                 )
                 parallel = len(paths) >= parallel_from
                 steps = _pipeline(
-                    pool, workers if parallel else None, handler.preparer, ref, paths, linker.prime
+                    workers if parallel else None, handler.preparer, ref, paths, linker.prime
                 )
                 if parallel:
                     _handle_in_groups(handler, ref, steps, summary, progress)
@@ -333,45 +357,71 @@ def _handle_in_groups(
         write()
 
 
-class _Workers:
-    """The worker process that prepares files, started on first use; none on one CPU."""
+class Workers:
+    """The processes helping a reconcile of large folders: one that prepares files (started on
+    first use, or early by :meth:`start`; none on one CPU) and the read-ahead one."""
 
     def __init__(self) -> None:
         self._pool: ProcessPoolExecutor | None = None
+        self._readahead = ReadAhead()
         self.failed = False
 
-    def __enter__(self) -> _Workers:
+    def __enter__(self) -> Workers:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._readahead.close()
         if self._pool is not None:
             # Not waiting for the process to exit: the caller has its results, and whoever
             # waits for the scan (a log line, the next event) should not wait for that too.
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
 
-    def submit(
-        self, preparer: Preparer, ref: FolderRef, paths: Sequence[Path]
-    ) -> Future[list[Packed | None]] | None:
-        """The job preparing ``paths``, or None when there is no worker (the main process then
-        prepares each file itself)."""
+    def start(self) -> None:
+        """Start both processes now, while the caller lists folders: the worker's start-up
+        (an interpreter importing the watcher's modules, 0.2-0.3 s) then overlaps the listing."""
+        if self._ready() is not None:
+            self._readahead.start()
+
+    def _ready(self) -> ProcessPoolExecutor | None:
         if self.failed:
             return None
-        try:
-            if self._pool is None:
-                if len(os.sched_getaffinity(0)) < 2:
-                    self.failed = True  # one CPU: a second process would only take turns
-                    return None
-                # spawn, not fork: the watcher has threads (watchdog, metrics) a fork would copy
-                # in whatever state they are in.
+        if self._pool is None:
+            if len(os.sched_getaffinity(0)) < 2:
+                self.failed = True  # one CPU: a second process would only take turns
+                return None
+            try:
+                # spawn, not fork: the watcher has threads (watchdog, metrics) a fork would
+                # copy in whatever state they are in.
                 self._pool = ProcessPoolExecutor(
                     1,
                     multiprocessing.get_context("spawn"),
                     initializer=init_worker,
                     initargs=(os.getpid(), GC_GEN0),
                 )
-            return self._pool.submit(prepare_chunk, preparer, ref.account, ref.folder, paths)
-        except Exception as exc:  # cannot start or reach the worker: work without it
+                # A pool starts its process with the first job: this one does nothing.
+                self._pool.submit(os.getpid)
+            except Exception as exc:  # cannot start the worker: work without it
+                log.warning("preparing files in a worker process failed: %s", exc)
+                self.failed = True
+                return None
+        return self._pool
+
+    def hint(self, paths: Sequence[Path]) -> None:
+        """Have ``paths`` read into the page cache ahead of their reader (a cold start)."""
+        self._readahead.hint(paths)
+
+    def submit(
+        self, preparer: Preparer, ref: FolderRef, paths: Sequence[Path]
+    ) -> Future[list[Packed | None]] | None:
+        """The job preparing ``paths``, or None when there is no worker (the main process then
+        prepares each file itself)."""
+        pool = self._ready()
+        if pool is None:
+            return None
+        try:
+            return pool.submit(prepare_chunk, preparer, ref.account, ref.folder, paths)
+        except Exception as exc:  # the worker is gone: work without it
             log.warning("preparing files in a worker process failed: %s", exc)
             self.failed = True
             return None
@@ -391,33 +441,30 @@ class _Workers:
 
 
 def _pipeline(
-    readers: Executor,
-    workers: _Workers | None,
+    workers: Workers | None,
     preparer: Preparer,
     ref: FolderRef,
     paths: Sequence[Path],
     prime: Callable[[str, Sequence[Draft]], None],
 ) -> Iterator[tuple[Path, Prepared | None]]:
-    """``paths`` in order, each with what the worker prepared for it (None: not prepared).
+    """``paths`` in order, each with what the worker prepared for it (None: not prepared;
+    without ``workers``, nothing is).
 
-    The worker runs a few chunks ahead of the file being handled, and the reader threads a few
-    chunks ahead of the worker: with a cold cache each file costs disk reads (its inode, then
-    its first block) that would otherwise stall whoever reads it first. Threads blocked in
-    os.open/os.read do not hold the GIL, so that waiting overlaps the parsing of earlier files.
-    ``prime`` gets each prepared chunk's drafts first: their records are looked up together.
+    The worker runs a few chunks ahead of the file being handled, and the read-ahead process a
+    few chunks ahead of the worker: with a cold cache each file costs disk reads (its inode,
+    then its first block) that would otherwise stall whoever reads it first. ``prime`` gets
+    each prepared chunk's drafts first: their records are looked up together.
     """
+    if workers is None:
+        yield from ((path, None) for path in paths)
+        return
     chunks = [paths[i : i + _CHUNK] for i in range(0, len(paths), _CHUNK)]
     jobs: deque[Future[list[Packed | None]] | None] = deque()
     warmed = submitted = 0
     for index, chunk in enumerate(chunks):
         while warmed < len(chunks) and warmed <= index + _WARM_AHEAD:
-            ahead = chunks[warmed]
-            for start in range(0, len(ahead), _WARM_JOB):
-                readers.submit(_warm, ahead[start : start + _WARM_JOB])
+            workers.hint(chunks[warmed])
             warmed += 1
-        if workers is None:
-            yield from ((path, None) for path in chunk)
-            continue
         while submitted < len(chunks) and submitted <= index + _PREPARE_AHEAD:
             jobs.append(workers.submit(preparer, ref, chunks[submitted]))
             submitted += 1
@@ -426,30 +473,16 @@ def _pipeline(
         yield from zip(chunk, results, strict=True)
 
 
-def _warm(paths: Sequence[Path]) -> None:
-    """Have the start of each file read into the page cache. Opening it reads its inode (the
-    thread waits for that); POSIX_FADV_WILLNEED then starts reading the data without waiting
-    for it or copying it: against reading 16 KB here, the main process's CPU per message in a
-    cold reconcile fell from 104-119 to 84-87 us and the rate rose from 8,400-8,900 to
-    10,200-10,600 msg/s (30,000 messages)."""
-    for path in paths:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            continue  # renamed or gone meanwhile: the handler sees that itself
-        try:
-            os.posix_fadvise(fd, 0, _READ_AHEAD_BYTES, os.POSIX_FADV_WILLNEED)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-
-
 def pending_by_folder(
-    refs: Sequence[FolderRef], store: Store, known: KnownFiles, record_moves: bool = True
+    refs: Sequence[FolderRef],
+    store: Store,
+    known: KnownFiles,
+    record_moves: bool = True,
+    on_large: Callable[[], None] | None = None,
 ) -> dict[FolderRef, list[Path]]:
-    """New files per folder, listed up front (for a progress bar's length)."""
-    return {ref: pending_files(store, ref, known, record_moves) for ref in refs}
+    """New files per folder, listed up front (for a progress bar's length). ``on_large``: as
+    for :func:`pending_files`, called at most once per folder."""
+    return {ref: pending_files(store, ref, known, record_moves, on_large) for ref in refs}
 
 
 def count_files(refs: Sequence[FolderRef]) -> int:
