@@ -113,11 +113,19 @@ def list_messages(root: Path, folder: str) -> Iterator[Path]:
     descriptor stays open while the caller works on the files.
     """
     path = folder_path(root, folder)
+    subdirs = {sub: path / sub for sub in ("new", "cur")}
+    for sub, name in list_message_names(root, folder):
+        yield subdirs[sub] / name
+
+
+def list_message_names(root: Path, folder: str) -> Iterator[tuple[str, str]]:
+    """``(subdirectory, file name)`` of each file :func:`list_messages` lists, without a path
+    object per file: those cost more than the rest of a rescan of an unchanged folder."""
     dir_name = folder_dir_name(folder)
     for sub in ("new", "cur"):
         parts = [sub] if dir_name is None else [dir_name, sub]
         for name in _list_files(root, parts):
-            yield path / sub / name
+            yield sub, name
 
 
 def _list_files(root: Path, parts: list[str]) -> list[str]:

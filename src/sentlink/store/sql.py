@@ -368,7 +368,7 @@ class SqlStore(ABC):
                 "SELECT uniq, file FROM message_files WHERE account = ? AND folder = ?",
                 (account, folder),
             )
-            return {uniq: file for uniq, file in rows}
+            return dict(rows)
 
     def account_uniqs(self, account: str) -> set[str]:
         with self._read() as conn:

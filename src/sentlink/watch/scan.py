@@ -22,6 +22,8 @@ from sentlink.config.models import AccountConfig, Config
 from sentlink.errors import CaptureError
 from sentlink.linker import Draft, Linker
 from sentlink.maildir import folder_path, list_messages, split_uniq
+from sentlink.maildir.folders import list_message_names
+from sentlink.maildir.names import folder_dir_name
 from sentlink.model import Direction
 from sentlink.store import SaveRequest, Store
 from sentlink.watch.handler import MessageHandler, Outcome, Staged, WatchPolicy, relative
@@ -183,22 +185,28 @@ def pending_files(
     if on_large is not None and indexed == {} and _holds_files(ref.path):
         on_large()
         on_large = None
-    listing = list_messages(ref.account.maildir, ref.folder)
     if indexed is None:
+        listing = list_messages(ref.account.maildir, ref.folder)
         return [p for p in listing if needs_linking(store, ref, p, record_moves)]
     pending = []
     elsewhere: set[str] | None = None
-    for path in listing:
-        uniq = split_uniq(path.name)
+    # Names, not paths: a path object per file cost most of a rescan of an unchanged folder.
+    # A file's name relative to the Maildir, as the store keeps it: "cur/NAME", ".Sent/cur/NAME".
+    dir_name = folder_dir_name(ref.folder)
+    prefix = "" if dir_name is None else dir_name + "/"
+    subdirs = {sub: ref.path / sub for sub in ("new", "cur")}
+    for sub, name in list_message_names(ref.account.maildir, ref.folder):
+        uniq = split_uniq(name)
         file = indexed.get(uniq)
         if file is None:
+            path = subdirs[sub] / name
             if elsewhere is None:  # read once, and only when a folder has new names
                 elsewhere = known.account_uniqs(ref.account.name) or set()
             # New here, or moved in from another folder by a client (then only recorded).
             if uniq not in elsewhere or needs_linking(store, ref, path, record_moves):
                 pending.append(path)
-        elif record_moves and file != relative_file(ref, path):
-            store.move_message(ref.account.name, uniq, ref.folder, relative_file(ref, path))
+        elif record_moves and file != (here := f"{prefix}{sub}/{name}"):
+            store.move_message(ref.account.name, uniq, ref.folder, here)
     if on_large is not None and len(pending) >= PARALLEL_FROM:
         on_large()
     return pending
