@@ -12,7 +12,7 @@ from pathlib import Path
 
 from sentlink.store import open_store
 from sentlink.watch.oneshot import Reconcile
-from sentlink.watch.readahead import ReadAhead
+from sentlink.watch.readahead import ReadAhead, warm
 from test_watch_inbox import SECRET, drop, mail, make_config
 
 
@@ -148,3 +148,13 @@ def test_listing_a_folder_never_indexed_starts_the_helpers(tmp_path: Path) -> No
             r.run(r.pending())
     finally:
         store.close()
+
+
+def test_a_job_whose_first_files_are_cached_is_taken_as_warm(tmp_path: Path) -> None:
+    paths = uncached_files(tmp_path / "box", 6)
+    for path in paths[:2]:
+        path.read_bytes()  # cached now
+    warm([os.fsencode(p) for p in paths])
+    assert not any(cached(p) for p in paths[2:])  # skipped: the probes found a warm cache
+    warm([os.fsencode(p) for p in reversed(paths)])
+    assert wait_until(lambda: all(cached(p) for p in paths))  # the first was cold: all warmed
