@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from itertools import chain
@@ -55,6 +56,10 @@ class HeaderBlock:
 
     def get_all(self, name: str) -> list[str]:
         return list(self._by_name.get(name.lower(), ()))
+
+    def values(self, name: str) -> Sequence[str]:
+        """``get_all`` without the copy, for callers that only read the values."""
+        return self._by_name.get(name.lower(), ())
 
     def get(self, name: str, default: str = "") -> str:
         """The first field of that name (case-insensitive), or ``default``."""
