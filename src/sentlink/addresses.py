@@ -177,6 +177,8 @@ def _parse_simple(value: str) -> list[tuple[str, str]] | None:
 def _decode_phrase(phrase: str) -> str | None:
     """The words of a display name joined by single spaces, encoded words decoded; None when
     an encoded word is defective (unknown charset, undecodable bytes, bad padding)."""
+    if "=?" not in phrase and "\t" not in phrase and "  " not in phrase:
+        return phrase  # words apart by single spaces, none encoded: as it would be joined
     words = []
     for word in _WHITESPACE.split(phrase):
         if word.startswith("=?"):

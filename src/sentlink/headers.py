@@ -9,8 +9,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from itertools import chain
 from pathlib import Path
 
 log = logging.getLogger("sentlink.headers")
@@ -21,8 +23,13 @@ _CHUNK = 16384
 _END_OF_HEADER = re.compile(rb"\r?\n\r?\n")
 # A field name is printable US-ASCII except ":" (RFC 5322 section 3.6.8); obsolete syntax allows
 # whitespace before the colon (section 4.5). The value runs on over continuation lines (those
-# starting with whitespace).
-_FIELD_WITH_CONTINUATIONS = re.compile(r"([!-9;-~]+)[ \t]*:([^\n]*(?:\n[ \t][^\n]*)*)\n?")
+# starting with whitespace). Anchored at a line start: a search (findall) then tries each
+# position past a line that is not a field in constant time, where an unanchored one rescans
+# the rest of a long run of name characters from every position (quadratic: a 40 KB line of
+# them took 9 s).
+_FIELD_WITH_CONTINUATIONS = re.compile(
+    r"^([!-9;-~]+)[ \t]*:([^\n]*(?:\n[ \t][^\n]*)*+)\n?", re.MULTILINE
+)
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,10 @@ class HeaderBlock:
 
     def get_all(self, name: str) -> list[str]:
         return list(self._by_name.get(name.lower(), ()))
+
+    def values(self, name: str) -> Sequence[str]:
+        """``get_all`` without the copy, for callers that only read the values."""
+        return self._by_name.get(name.lower(), ())
 
     def get(self, name: str, default: str = "") -> str:
         """The first field of that name (case-insensitive), or ``default``."""
@@ -115,30 +126,55 @@ def parse_header_bytes(raw: bytes, truncated: bool = False) -> HeaderBlock:
     if truncated:
         text, _newline, partial = text.rpartition("\n")
         cut_field = partial[:1] in (" ", "\t")  # the cap fell inside a folded field
+    # Usually every line is a field or a continuation: one findall then splits the block, with
+    # no match object and no call per field (9.8 -> 8.3 us per message of bench/watch.py).
+    pairs = _FIELD_WITH_CONTINUATIONS.findall(text)
+    if not _tiles(pairs, text):
+        pairs = _fields_line_by_line(text)
+    if cut_field and pairs:
+        pairs.pop()
     fields: list[tuple[str, str]] = []
     index: dict[str, list[str]] = {}
-    pos, end = 0, len(text)
-    # Fast pass: consecutive fields from the start. The first gap (a line that is not a field)
-    # goes to the line-by-line loop below.
-    for field in _FIELD_WITH_CONTINUATIONS.finditer(text):
-        if field.start() != pos:
-            break
-        name, value = field.groups()
+    for name, value in pairs:
         if "\n" in value:  # unfolding: drop each line break, keep the whitespace after it
             value = value.replace("\r\n", "").replace("\n", "")
         value = value.strip()
         fields.append((name, value))
-        index.setdefault(name.lower(), []).append(value)
-        pos = field.end()
+        key = name.lower()
+        if key in index:
+            index[key].append(value)
+        else:
+            index[key] = [value]
+    block = HeaderBlock(fields=tuple(fields), truncated=truncated)
+    # The lookup index, built in the same pass: cached_property then finds it in the instance
+    # dictionary and never runs (nor takes the lock it holds on a first access in 3.11).
+    block.__dict__["_by_name"] = index
+    return block
+
+
+def _tiles(pairs: list[tuple[str, str]], text: str) -> bool:
+    """Whether the fields that findall found follow one another from the start to the end of
+    ``text``, so that they are the fields a line-by-line reading finds.
+
+    The matches do not overlap, so they cover all of ``text`` exactly when their lengths add up
+    to its length. Each is a name, ":", a value and a line break, except that the last one has
+    none at the very end of the text. Whitespace before a colon is not counted: a block with
+    such a field (obsolete syntax) takes the line-by-line way.
+    """
+    size = len("".join(chain.from_iterable(pairs))) + 2 * len(pairs)
+    return size - (not text.endswith("\n")) == len(text)
+
+
+def _fields_line_by_line(text: str) -> list[tuple[str, str]]:
+    """The ``(name, folded value)`` pairs of a block with lines that are not fields: those
+    before the first line that is neither a field nor a continuation."""
+    pairs: list[tuple[str, str]] = []
+    pos, end = 0, len(text)
     while pos < end:
         match = _FIELD_WITH_CONTINUATIONS.match(text, pos)
         if match is not None:
             name, value = match.groups()
-            if "\n" in value:
-                value = value.replace("\r\n", "").replace("\n", "")
-            value = value.strip()
-            fields.append((name, value))
-            index.setdefault(name.lower(), []).append(value)
+            pairs.append((name, value))
             pos = match.end()
             continue
         line_end = text.find("\n", pos)
@@ -148,17 +184,7 @@ def parse_header_bytes(raw: bytes, truncated: bool = False) -> HeaderBlock:
         if line[:1] not in (" ", "\t") and not (pos == 0 and line.startswith("From ")):
             break
         pos = end if line_end < 0 else line_end + 1
-    if cut_field and fields:
-        name, _value = fields.pop()
-        values = index[name.lower()]
-        values.pop()
-        if not values:
-            del index[name.lower()]
-    block = HeaderBlock(fields=tuple(fields), truncated=truncated)
-    # The lookup index, built in the same pass: cached_property then finds it in the instance
-    # dictionary and never runs (nor takes the lock it holds on a first access in 3.11).
-    block.__dict__["_by_name"] = index
-    return block
+    return pairs
 
 
 def read_headers(path: Path, max_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> HeaderBlock:

@@ -149,7 +149,7 @@ class LinkFilter:
             return Draft(message_id, subject, date, refs, private, ambiguous=str(exc))
         own = self.own(account)
         external = [p for p in participants if not self.is_internal(p.email, own)]
-        candidates = tuple(p for p in external if not self.is_never_log(p.email))
+        candidates = tuple([p for p in external if not self.is_never_log(p.email)])
         skip = (
             "no-participants"
             if not participants
@@ -165,7 +165,7 @@ class LinkFilter:
         participants: list[Participant] = []
         seen: set[str] = set()
         for role, field in _ROLE_FIELDS[direction]:
-            for value in headers.get_all(field):
+            for value in headers.values(field):
                 try:
                     mailboxes = parse_mailboxes(value)
                     emails = [(name, self.normalized(addr)) for name, addr in mailboxes]
@@ -179,7 +179,7 @@ class LinkFilter:
 
     def _is_private(self, headers: HeaderBlock, subject: str) -> bool:
         if self._private_header:
-            for value in headers.get_all(self._private_header):
+            for value in headers.values(self._private_header):
                 if value.strip().lower() not in _FALSE_WORDS:
                     return True
         return bool(self._private_tag) and self._private_tag in subject.casefold()
@@ -208,13 +208,15 @@ class LinkFilter:
         stripped = normalize_address(full, strip_plus=True)
         return (full,) if stripped == full else (full, stripped)
 
+    # isdisjoint rather than any() over a generator: the two checks run for every participant
+    # (1.9 -> 1.0 us per message of bench/watch.py, with 1.6 participants each).
     def is_internal(self, email: str, own: frozenset[str]) -> bool:
-        if any(f in own for f in self.forms(email)):
+        if not own.isdisjoint(self.forms(email)):
             return True
         return _in_domains(address_domain(email), self._internal)
 
     def is_never_log(self, email: str) -> bool:
-        if any(f in self._never_addresses for f in self.forms(email)):
+        if not self._never_addresses.isdisjoint(self.forms(email)):
             return True
         return _in_domains(address_domain(email), self._never_domains)
 
@@ -596,11 +598,12 @@ def _message_id(value: str) -> str:
 
 def _references(headers: HeaderBlock) -> tuple[str, ...]:
     """Ids from In-Reply-To, then References (newest first), without repeats."""
-    ids: dict[str, None] = {}
-    for value in headers.get_all("In-Reply-To"):
-        ids.update((m.strip(), None) for m in _MSG_ID.findall(value))
-    references = [m.strip() for v in headers.get_all("References") for m in _MSG_ID.findall(v)]
-    ids.update((m, None) for m in reversed(references[-_MAX_REFERENCES:]))
+    replied = [m.strip() for v in headers.values("In-Reply-To") for m in _MSG_ID.findall(v)]
+    references = [m.strip() for v in headers.values("References") for m in _MSG_ID.findall(v)]
+    if not replied and not references:
+        return ()  # a message that starts a thread
+    ids = dict.fromkeys(replied)
+    ids.update(dict.fromkeys(reversed(references[-_MAX_REFERENCES:])))
     ids.pop("", None)
     return tuple(ids)
 
@@ -608,7 +611,7 @@ def _references(headers: HeaderBlock) -> tuple[str, ...]:
 def _decode_words(value: str) -> str:
     """RFC 2047 encoded words decoded; undecodable bytes shown as U+FFFD."""
     if "=?" not in value:  # no encoded word: decoding would give the value back unchanged
-        return _SURROGATES.sub("\ufffd", value)
+        return value if value.isascii() else _SURROGATES.sub("\ufffd", value)
     try:
         text = str(make_header(decode_header(value)))
     except (HeaderParseError, LookupError, UnicodeError, ValueError):
@@ -656,14 +659,23 @@ def _plain_iso_date(value: str) -> str | None:
     if match is None:
         return None
     day, month, year, hour, minute, second, sign, zone_h, zone_m = match.groups()
-    # datetime checks the date and time as email.utils' datetime does.
-    local = datetime(int(year), _MONTHS[month], int(day), int(hour), int(minute), int(second or 0))
-    offset = int(zone_h) * 60 + int(zone_m)  # minutes; "+0260" is three hours, as there
-    if offset >= 24 * 60:
-        raise ValueError("UTC offset of a day or more")  # datetime.timezone refuses it too
-    hours, minutes = divmod(offset, 60)
-    sign = "-" if sign == "-" and offset else "+"  # -0000 reads as UTC
-    return f"{local.isoformat()}{sign}{hours:02d}:{minutes:02d}"
+    second = second or "00"
+    # The fields but the day are digits of a fixed width: written out as they stand, with a
+    # datetime built only for a date or time that may not exist, the one that email.utils'
+    # datetime would refuse (2.5 -> 1.7 us per message of bench/watch.py).
+    day_number = int(day)
+    if not 1 <= day_number <= 28 or hour > "23" or minute > "59" or second > "59":
+        datetime(int(year), _MONTHS[month], day_number, int(hour), int(minute), int(second))
+    if zone_h < "24" and zone_m < "60" and (sign == "+" or zone_h != "00" or zone_m != "00"):
+        zone = f"{sign}{zone_h}:{zone_m}"
+    else:
+        offset = int(zone_h) * 60 + int(zone_m)  # minutes; "+0260" is three hours, as there
+        if offset >= 24 * 60:
+            raise ValueError("UTC offset of a day or more")  # datetime.timezone refuses it too
+        hours, minutes = divmod(offset, 60)
+        sign = "-" if sign == "-" and offset else "+"  # -0000 reads as UTC
+        zone = f"{sign}{hours:02d}:{minutes:02d}"
+    return f"{year}-{_MONTHS[month]:02d}-{day_number:02d}T{hour}:{minute}:{second}{zone}"
 
 
 def _relative(path: Path, root: Path) -> str:

@@ -26,6 +26,7 @@ from sentlink.trace import TRACE_HEADER
 from sentlink.watch.dkim_proof import DkimPending, DkimVerifier
 from sentlink.watch.policy import WatchPolicy
 from sentlink.watch.rules import (
+    NO_RULE,
     Decision,
     MessageFacts,
     needs_dkim,
@@ -165,7 +166,6 @@ Packed = tuple[
     str,
     tuple[int, ...],
 ]
-_DEFAULT_DECISION = Decision()
 
 
 def pack(prepared: Prepared) -> Packed:
@@ -175,7 +175,7 @@ def pack(prepared: Prepared) -> Packed:
     return (
         tuple([f for f in headers.fields if f[0].lower() in _KEPT_FIELDS]),
         headers.truncated,
-        None if decision == _DEFAULT_DECISION else decision,
+        None if decision is NO_RULE or decision == NO_RULE else decision,
         d.message_id,
         d.subject,
         d.date,
@@ -198,7 +198,7 @@ def unpack(packed: Packed) -> Prepared:
         packed[10],
         tuple([participants[i] for i in packed[11]]),
     )
-    return Prepared(HeaderBlock(packed[0], packed[1]), packed[2] or _DEFAULT_DECISION, draft)
+    return Prepared(HeaderBlock(packed[0], packed[1]), packed[2] or NO_RULE, draft)
 
 
 def prepare_chunk(

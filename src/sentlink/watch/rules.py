@@ -62,7 +62,7 @@ class MessageFacts:
         if self._secret is None:
             return None
         message_id = self.headers.get("Message-ID")
-        for value in self.headers.get_all(TRACE_HEADER):
+        for value in self.headers.values(TRACE_HEADER):
             account = verify(self._secret, value, message_id)
             if account is not None:
                 return account
@@ -107,6 +107,9 @@ class Decision:
         return f"{'; '.join(parts)} ({why})"
 
 
+NO_RULE = Decision()  # what no rule says: stay, link
+
+
 @dataclass(frozen=True)
 class CompiledRule:
     name: str
@@ -146,7 +149,7 @@ class CompiledRule:
 
     def matches(self, facts: MessageFacts) -> bool:
         for name, pattern in self.header:
-            if not any(pattern.search(v) for v in facts.headers.get_all(name)):
+            if not any(pattern.search(v) for v in facts.headers.values(name)):
                 return False
         for key, pattern in self.fields:
             if key == "subject":
@@ -169,6 +172,8 @@ class RuleSet:
         return cls(tuple(CompiledRule.compile(r) for r in rules))
 
     def decide(self, facts: MessageFacts) -> Decision:
+        """What the rules say; ``NO_RULE`` itself when none matched (most messages), so that
+        callers can tell it by identity."""
         link, move, flags, reasons = True, None, "", []
         for rule in self.rules:
             if not rule.matches(facts):
@@ -179,6 +184,8 @@ class RuleSet:
             flags += rule.flags
             if not rule.continue_:
                 break
+        if not reasons:
+            return NO_RULE
         return Decision(link, move, normalize_flags(flags), tuple(reasons))
 
 
@@ -244,7 +251,7 @@ def _plain_addresses(value: str) -> list[str] | None:
 
 def _addresses(headers: HeaderBlock, name: str, normalize: Callable[[str], str]) -> tuple[str, ...]:
     found: list[str] = []
-    for value in headers.get_all(name):
+    for value in headers.values(name):
         try:
             plain = _plain_addresses(value)
             if plain is None:
