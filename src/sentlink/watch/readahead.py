@@ -89,7 +89,7 @@ class ReadAhead:
 
     def hint(self, paths: Sequence[Path]) -> None:
         """Ask for ``paths`` to be read into the page cache soon; never blocks."""
-        if self._proc is None and not self.start():
+        if self.failed or (self._proc is None and not self.start()):
             return
         if len(self._pending) < _MAX_PENDING:
             # One encoding per chunk: os.fsencode per path was 4% of the main process's CPU.
