@@ -13,11 +13,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from itertools import chain
-from pathlib import Path
 
 log = logging.getLogger("sentlink.headers")
 
 DEFAULT_MAX_HEADER_BYTES = 1 << 20
+# A file's path as a string or a path object: a reconcile's worker process gets strings (a
+# Path costs more to send and to rebuild there than reading the file's header does).
+StrPath = str | os.PathLike[str]
 _CHUNK = 16384
 # End of the header section: the first empty line (RFC 5322 section 2.1), LF or CRLF endings.
 _END_OF_HEADER = re.compile(rb"\r?\n\r?\n")
@@ -67,7 +69,9 @@ class HeaderBlock:
         return values[0] if values else default
 
 
-def read_header_bytes(path: Path, max_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> tuple[bytes, bool]:
+def read_header_bytes(
+    path: StrPath, max_bytes: int = DEFAULT_MAX_HEADER_BYTES
+) -> tuple[bytes, bool]:
     """The raw header section (without the empty line) and whether ``max_bytes`` cut it short."""
     buf = bytearray()
     searched = 0
@@ -187,13 +191,13 @@ def _fields_line_by_line(text: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def read_headers(path: Path, max_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> HeaderBlock:
+def read_headers(path: StrPath, max_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> HeaderBlock:
     """Read and parse the header section of the message file at ``path``."""
     raw, truncated = read_header_bytes(path, max_bytes)
     if truncated:
         log.warning(
             "file=%s header section exceeds %d bytes: using the fields before the cap",
-            path.name,
+            os.path.basename(path),
             max_bytes,
         )
     return parse_header_bytes(raw, truncated)

@@ -15,10 +15,9 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 from sentlink.config.models import AccountConfig
-from sentlink.headers import HeaderBlock, read_headers
+from sentlink.headers import HeaderBlock, StrPath, read_headers
 from sentlink.linker import Draft, LinkFilter
 from sentlink.maildir.names import merge_flags
 from sentlink.model import Direction, Participant, Role
@@ -74,10 +73,10 @@ class Preparer:
     def __getstate__(self) -> dict[str, object]:
         return {"_policy": self._policy, "_filter": self._filter, "_own": {}, "_dkim": None}
 
-    def read(self, path: Path) -> HeaderBlock:
+    def read(self, path: StrPath) -> HeaderBlock:
         return read_headers(path, self._policy.max_header_bytes)
 
-    def prepare(self, account: AccountConfig, folder: str, path: Path) -> Prepared:
+    def prepare(self, account: AccountConfig, folder: str, path: StrPath) -> Prepared:
         """Read and judge ``path`` in ``folder``. Raises OSError (FileNotFoundError when it
         vanished) like reading it does."""
         headers = self.read(path)
@@ -94,7 +93,7 @@ class Preparer:
         account: AccountConfig,
         folder: str,
         headers: HeaderBlock,
-        path: Path | None = None,
+        path: StrPath | None = None,
     ) -> tuple[Decision, MessageFacts]:
         """User rules, then in INBOX the built-in self-sent rule (with ``self_sent.require:
         dkim``, its DKIM check reads the whole file at ``path``; without a path, no move).
@@ -123,7 +122,7 @@ class Preparer:
             decision = replace(decision, move=None)
         return decision, facts
 
-    def _dkim_reason(self, facts: MessageFacts, path: Path | None) -> tuple[str | None, str]:
+    def _dkim_reason(self, facts: MessageFacts, path: StrPath | None) -> tuple[str | None, str]:
         """(the self-sent reason, or None with a note on why DKIM did not prove it)."""
         if path is None:
             return None, "From is the account's, DKIM not checked"
@@ -131,7 +130,7 @@ class Preparer:
             self._dkim = DkimVerifier(
                 self._policy.dns_servers, max_bytes=self._policy.dkim_max_bytes
             )
-        with path.open("rb") as f:
+        with open(path, "rb") as f:
             message = f.read(self._policy.dkim_max_bytes + 1)
         domain = facts.from_[0].rpartition("@")[2]
         proof = self._dkim.check(message, domain)
@@ -202,7 +201,7 @@ def unpack(packed: Packed) -> Prepared:
 
 
 def prepare_chunk(
-    preparer: Preparer, account: AccountConfig, folder: str, paths: Sequence[Path]
+    preparer: Preparer, account: AccountConfig, folder: str, paths: Sequence[str]
 ) -> list[Packed | None]:
     """``Preparer.prepare`` for each path, in a worker process, packed (``unpack`` gives the
     slim Prepared back). A file that fails gives None: the main process then handles it from

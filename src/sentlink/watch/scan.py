@@ -428,7 +428,9 @@ class Workers:
         if pool is None:
             return None
         try:
-            return pool.submit(prepare_chunk, preparer, ref.account, ref.folder, paths)
+            # As strings: Path objects cost both processes more to send than the rest of the job.
+            names = [str(p) for p in paths]
+            return pool.submit(prepare_chunk, preparer, ref.account, ref.folder, names)
         except Exception as exc:  # the worker is gone: work without it
             log.warning("preparing files in a worker process failed: %s", exc)
             self.failed = True
