@@ -7,8 +7,11 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from sentlink.store import open_store
 from sentlink.watch.oneshot import Reconcile
@@ -158,3 +161,13 @@ def test_a_job_whose_first_files_are_cached_is_taken_as_warm(tmp_path: Path) -> 
     assert not any(cached(p) for p in paths[2:])  # skipped: the probes found a warm cache
     warm([os.fsencode(p) for p in reversed(paths)])
     assert wait_until(lambda: all(cached(p) for p in paths))  # the first was cold: all warmed
+
+
+def test_without_an_interpreter_to_run_files_are_read_without_read_ahead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
+    ahead = ReadAhead()
+    ahead.hint(uncached_files(tmp_path / "box", 2))  # no error: a hint only saves time
+    assert ahead.failed and ahead.pid is None
+    ahead.close()

@@ -74,7 +74,7 @@ class ReadAhead:
                 stdout=subprocess.DEVNULL,
                 close_fds=True,
             )
-        except OSError as exc:
+        except Exception as exc:  # no interpreter to run (embedded, removed): read without it
             log.info("no read-ahead process: %s", exc)
             self.failed = True
             return False
