@@ -73,7 +73,7 @@ class Reconcile:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._workers.__exit__(*exc)
+        self._workers.close()
         self._known.close()
 
     def pending(self, record_moves: bool = True) -> dict[FolderRef, list[Path]]:

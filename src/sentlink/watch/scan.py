@@ -378,6 +378,10 @@ class Workers:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop both processes (the worker is not waited for)."""
         self._readahead.close()
         if self._pool is not None:
             # Not waiting for the process to exit: the caller has its results, and whoever
