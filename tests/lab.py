@@ -32,6 +32,7 @@ import email.policy
 import imaplib
 import os
 import pwd
+import random
 import re
 import shutil
 import signal
@@ -73,12 +74,41 @@ class LabError(RuntimeError):
 # Small utilities
 
 
+def _ephemeral_low() -> int:
+    """The first port of the kernel's range for outgoing connections' local ports."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+# Ports this process handed out already (a lab asks for several before any is bound).
+_GIVEN_PORTS: set[int] = set()
+
+
 def free_port(host: str = LOOPBACK) -> int:
-    """Return a TCP port on ``host`` that was free a moment ago (the kernel's choice)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
+    """Return a TCP port on ``host`` that was free a moment ago, below the ephemeral range.
+
+    A port the kernel picks (bind to 0) comes from the range it also takes the local port of
+    every outgoing connection from: with the lab's own traffic (Postfix, the load generators),
+    one of those could take the port before the server it was meant for binds it ("Address
+    already in use"). Below that range only a bind takes a port.
+    """
+    high = _ephemeral_low()
+    low = max(1024, high - 16384)
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(low, high)
+        if port in _GIVEN_PORTS:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        _GIVEN_PORTS.add(port)
         return port
+    raise LabError(f"no free port on {host} in {low}-{high - 1}")
 
 
 def wait_for(
@@ -933,7 +963,17 @@ class PostfixLab:
         return "Mail queue is empty" in output
 
     def wait_queue_empty(self, timeout: float = 10.0) -> None:
-        wait_for(self.queue_empty, timeout, interval=0.2, what="an empty Postfix queue")
+        """Wait for an empty queue; on timeout, say what is left and what the log said last."""
+        try:
+            wait_for(self.queue_empty, timeout, interval=0.2, what="an empty Postfix queue")
+        except TimeoutError as error:
+            queue = _run(
+                [find_binary("postqueue") or "postqueue", "-c", str(self.config_dir), "-p"]
+            )
+            tail = "\n".join(self.maillog_text().splitlines()[-60:])
+            raise TimeoutError(
+                f"{error}\n--- postqueue -p\n{queue}\n--- maillog tail\n{tail}"
+            ) from None
 
 
 # --------------------------------------------------------------------------------------------
