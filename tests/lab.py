@@ -729,6 +729,8 @@ class PostfixLab:
             "queue_run_delay": "1s",
             "minimal_backoff_time": "1s",
             "maximal_backoff_time": "2s",
+            # A transport whose delivery agent failed is retried after this, not 60 s later.
+            "transport_retry_time": "1s",
             "milter_default_action": "accept",
         }
         if self.milter is not None:
