@@ -960,18 +960,19 @@ class PostfixLab:
         what = f"{count} relayed message(s)" + (f" with {message_id}" if message_id else "")
         return wait_for(find, timeout, what=what)
 
+    def queue_listing(self) -> str:
+        """What ``postqueue -p`` prints for this instance."""
+        return _run([find_binary("postqueue") or "postqueue", "-c", str(self.config_dir), "-p"])
+
     def queue_empty(self) -> bool:
-        output = _run([find_binary("postqueue") or "postqueue", "-c", str(self.config_dir), "-p"])
-        return "Mail queue is empty" in output
+        return "Mail queue is empty" in self.queue_listing()
 
     def wait_queue_empty(self, timeout: float = 10.0) -> None:
         """Wait for an empty queue; on timeout, say what is left and what the log said last."""
         try:
             wait_for(self.queue_empty, timeout, interval=0.2, what="an empty Postfix queue")
         except TimeoutError as error:
-            queue = _run(
-                [find_binary("postqueue") or "postqueue", "-c", str(self.config_dir), "-p"]
-            )
+            queue = self.queue_listing()
             tail = "\n".join(self.maillog_text().splitlines()[-60:])
             raise TimeoutError(
                 f"{error}\n--- postqueue -p\n{queue}\n--- maillog tail\n{tail}"
