@@ -45,7 +45,7 @@ from pathlib import Path
 
 from sentlink.config import load_config_text
 from sentlink.config.models import Config
-from sentlink.linker import Linker
+from sentlink.linker import Linker, LinkFilter
 from sentlink.model import Link, MessageInfo, Record
 from sentlink.store import SaveRequest, Store, open_store
 from sentlink.watch import FolderWatcher, WatchPolicy, watched_folders
@@ -257,11 +257,7 @@ def prepare_cpu(config: Config, root: Path) -> float:
     """CPU seconds per message of preparing every file of ``root`` in one process, as the
     reconcile's worker does (open, read and parse the header section, rules, the self-sent
     rule, the linker's draft, packing the result), with the files in the page cache."""
-    store = open_store(f"sqlite:///{root.parent}/prepare.db")
-    try:
-        preparer = Preparer(WatchPolicy.from_config(config, SECRET), Linker(store, config).filter)
-    finally:
-        store.close()
+    preparer = Preparer(WatchPolicy.from_config(config, SECRET), LinkFilter(config))
     account = config.accounts[0]
     jobs = [
         (folder, [str(p) for sub in ("new", "cur") for p in sorted((path / sub).iterdir())])
@@ -276,8 +272,6 @@ def prepare_cpu(config: Config, root: Path) -> float:
                 count += len(packed)
                 failed += packed.count(None)
         cpu = time.process_time() - started
-    for path in root.parent.glob("prepare.db*"):
-        path.unlink()
     if failed:
         raise SystemExit(f"prepare_cpu: {failed} of {count} files failed to prepare")
     return cpu / count
