@@ -140,7 +140,9 @@ def test_listing_a_folder_never_indexed_starts_the_helpers(tmp_path: Path) -> No
             pending = r.pending(record_moves=False)  # --dry-run: nothing will run
             assert no_helpers()
             pending = r.pending()
-            assert helpers_running()  # before run(): their start-up overlaps the listing
+            # Before run(): their start-up overlaps the listing. (Waiting a moment: a process
+            # just started may show an empty command line while it is still in execve.)
+            assert wait_until(helpers_running, 5.0)
             summary = r.run(pending)
         assert summary.as_dict()["seen"] == 3
         assert wait_until(no_helpers)
