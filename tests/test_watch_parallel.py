@@ -218,3 +218,42 @@ def test_what_the_worker_sends_back_unpacks_to_the_slim_preparation() -> None:
         got = unpack(pickle.loads(pickle.dumps(pack(prepared))))
         assert got == prepared.slim()
         assert got.headers.get("message-id") == "<m1@x>" and got.headers.get("to") == ""
+
+
+@pytest.mark.parametrize("parallel_from", [SERIAL, PARALLEL])
+def test_files_are_handled_in_delivery_order_so_replies_find_their_thread(
+    tmp_path: Path, parallel_from: int
+) -> None:
+    """A Maildir name starts with the delivery time. Each reply here was written to the
+    directory before the message it answers, with a later name: handled in name order, every
+    reply comes after its original and is linked to the original's record via the thread."""
+    config = make_config(tmp_path)
+    box = tmp_path / "alice"
+    for sub in ("tmp", "new", "cur"):
+        (box / sub).mkdir(parents=True)
+    originals, replies = [], []
+    for n in range(60):
+        when = 1_700_000_000 + 10 * n
+        originals.append((f"{when}.M1P1.host", mail(f"o{n}@x", frm=f"user{n}@customer.test")))
+        refs = f"In-Reply-To: <o{n}@x>\n"
+        replies.append(
+            (f"{when + 5}.M2P1.host", mail(f"re{n}@x", frm=f"other{n}@else.test", extra=refs))
+        )
+    for name, data in replies + originals:  # the replies first: no help from creation order
+        (box / "new" / name).write_bytes(data)
+    store = open_store(config.store.url)
+    try:
+        store.upsert_records(
+            Record("contact", f"c{n}", f"C {n}", (f"user{n}@customer.test",)) for n in range(60)
+        )
+        with Reconcile(config, config.accounts, store, SECRET) as r:
+            summary = r.run(r.pending(), parallel_from=parallel_from)
+        assert summary.linked == 120
+        via_thread = {
+            (row["message_id"], row["record"]["id"])
+            for row in store.query_links(account="alice")
+            if row["via"] == "thread"
+        }
+    finally:
+        store.close()
+    assert via_thread == {(f"re{n}@x", f"c{n}") for n in range(60)}
