@@ -10,7 +10,7 @@ from pathlib import Path
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from sentlink.headers import _end_of_header, parse_header_bytes, read_header_bytes
+from sentlink.headers import FieldSelection, _end_of_header, parse_header_bytes, read_header_bytes
 
 _FIELD = re.compile(rb"([!-9;-~]+)[ \t]*:")
 
@@ -225,4 +225,64 @@ def test_a_long_line_that_is_no_field_is_read_in_linear_time() -> None:
     started = time.perf_counter()
     for raw in (b"A" * 100_000 + b"\nTo: a@x\n", b"To: a@x\n" + b"X-" * 50_000 + b" v: w\n"):
         assert parse_header_bytes(raw).fields in ((), (("To", "a@x"),))
+    assert time.perf_counter() - started < 2.0
+
+
+_SELECTIONS = [
+    FieldSelection(names)
+    for names in (
+        ["From", "To", "Subject"],
+        ["to"],
+        ["X-A", "x-b", "K", "Name", "Long", "A"],
+        ["Received", "junk", "From", "to", "cc"],
+        ["T", "To", "Tox"],  # names that are prefixes of others
+        [],
+    )
+]
+
+
+def selected(
+    block: tuple[tuple[str, str], ...], only: FieldSelection
+) -> tuple[tuple[str, str], ...]:
+    return tuple(field for field in block if field[0].lower() in only.names)
+
+
+@settings(max_examples=800, deadline=None)
+@given(header, st.booleans(), st.binary(max_size=6), st.sampled_from(_SELECTIONS))
+@example(b"From a@x Tue\nTo: b@y\n", False, b"", _SELECTIONS[0])
+@example(b" folded\nTo: b@y\n\tmore", False, b"", _SELECTIONS[1])
+def test_a_selection_keeps_the_fields_of_its_names_and_nothing_else(
+    raw: bytes, truncated: bool, tail: bytes, only: FieldSelection
+) -> None:
+    raw += tail
+    block = parse_header_bytes(raw, truncated, only)
+    assert block.fields == selected(line_by_line(raw, truncated), only)
+
+
+def test_a_selection_of_random_blocks_is_the_whole_reading_filtered() -> None:
+    rng = random.Random(20261128)
+    for _ in range(20000):
+        raw = random_block(rng)
+        only = rng.choice(_SELECTIONS)
+        truncated = rng.random() < 0.2
+        whole = parse_header_bytes(raw, truncated)
+        block = parse_header_bytes(raw, truncated, only)
+        assert block.fields == selected(whole.fields, only), raw
+        index: dict[str, list[str]] = {}
+        for name, value in block.fields:
+            index.setdefault(name.lower(), []).append(value)
+        assert block._by_name == index, raw
+        assert block.get("To") == (whole.get("To") if "to" in only.names else ""), raw
+
+
+def test_a_selection_reads_long_lines_in_linear_time() -> None:
+    started = time.perf_counter()
+    only = FieldSelection(["To", "X-"])
+    for raw in (
+        b"A" * 100_000 + b"\nTo: a@x\n",
+        b"To: a@x\n" + b"X-" * 50_000 + b" v: w\n",
+        b"To: a@x\n" + b"\n".join([b"X-A: " + b"v" * 30] * 20_000),
+        b"To: a@x\n" + b"To" * 50_000 + b"\n",
+    ):
+        assert parse_header_bytes(raw, only=only).get("To") in ("", "a@x")
     assert time.perf_counter() - started < 2.0

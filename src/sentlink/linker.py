@@ -131,6 +131,14 @@ class LinkFilter:
         # Sent to a worker process (watch/prepare.py): the cache starts empty there.
         return {**self.__dict__, "_forms_cache": {}}
 
+    def header_names(self) -> tuple[str, ...]:
+        """The header fields :meth:`draft` reads."""
+        names = {f for fields in _ROLE_FIELDS.values() for _role, f in fields}
+        names.update(("Message-ID", "Subject", "Date", "In-Reply-To", "References"))
+        if self._private_header:
+            names.add(self._private_header)
+        return tuple(sorted(names))
+
     def own(self, account: str) -> frozenset[str]:
         """The account's own addresses, in every normalized form."""
         return self._own.get(account, frozenset())

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from sentlink.config.models import AccountConfig
-from sentlink.headers import HeaderBlock, StrPath, read_headers
+from sentlink.headers import FieldSelection, HeaderBlock, StrPath, read_headers
 from sentlink.linker import Draft, LinkFilter
 from sentlink.maildir.names import merge_flags
 from sentlink.model import Direction, Participant, Role
@@ -69,12 +69,23 @@ class Preparer:
         self._filter = link_filter
         self._own: dict[str, frozenset[str]] = {}
         self._dkim: DkimVerifier | None = None
+        # The header fields anything after reading looks at: the rules and the self-sent rule
+        # (MessageFacts), the linker's draft, and the main process (_KEPT_FIELDS).
+        self._fields = FieldSelection(
+            (
+                *MessageFacts.HEADER_NAMES,
+                *policy.rules.header_names(),
+                *link_filter.header_names(),
+                *_KEPT_FIELDS,
+            )
+        )
 
     def __getstate__(self) -> dict[str, object]:
-        return {"_policy": self._policy, "_filter": self._filter, "_own": {}, "_dkim": None}
+        return {**self.__dict__, "_own": {}, "_dkim": None}
 
     def read(self, path: StrPath) -> HeaderBlock:
-        return read_headers(path, self._policy.max_header_bytes)
+        """The header fields of the file that handling it reads (see ``_fields``)."""
+        return read_headers(path, self._policy.max_header_bytes, self._fields)
 
     def prepare(self, account: AccountConfig, folder: str, path: StrPath) -> Prepared:
         """Read and judge ``path`` in ``folder``. Raises OSError (FileNotFoundError when it

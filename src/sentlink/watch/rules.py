@@ -45,6 +45,9 @@ class MessageFacts:
     """What the rules look at, from one parsed header block; each field is parsed on first use
     (most messages need From only, and most folders no address at all)."""
 
+    # The header fields read here (a reader may keep only these, and those the rules name).
+    HEADER_NAMES = ("From", "To", "Cc", "Bcc", "Subject", "Message-ID", TRACE_HEADER)
+
     def __init__(
         self,
         headers: HeaderBlock,
@@ -170,6 +173,10 @@ class RuleSet:
     @classmethod
     def compile(cls, rules: Sequence[WatchRule]) -> RuleSet:
         return cls(tuple(CompiledRule.compile(r) for r in rules))
+
+    def header_names(self) -> tuple[str, ...]:
+        """The header fields the rules read, besides those :class:`MessageFacts` reads."""
+        return tuple(dict.fromkeys(name for rule in self.rules for name, _rx in rule.header))
 
     def decide(self, facts: MessageFacts) -> Decision:
         """What the rules say; ``NO_RULE`` itself when none matched (most messages), so that
