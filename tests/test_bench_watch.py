@@ -18,7 +18,7 @@ def test_watch_benchmark_runs_every_part_on_a_small_mailbox(tmp_path: Path) -> N
     out = tmp_path / "watch.json"
     argv = [
         sys.executable, str(BENCH), "--messages", "400", "--sample", "50",
-        "--latency", "5", "--burst", "200", "--no-cold", "--json", str(out),
+        "--latency", "5", "--burst", "200", "--rounds", "2", "--no-cold", "--json", str(out),
     ]  # fmt: skip
     done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
@@ -43,6 +43,9 @@ def test_watch_benchmark_runs_every_part_on_a_small_mailbox(tmp_path: Path) -> N
     ):
         assert warm[key] > 0, key
     assert warm["cpu_bound_msgs_per_s"] < warm["ceiling_store_writes_msgs_per_s"] * warm["cpus"]
+    # Two warm rounds, each a reconcile of its own copy; the reported one is among them.
+    assert warm["rounds"] == 2 and len(warm["rounds_vs_raw_read"]) == 2
+    assert warm["reconcile_msgs_per_s"] in warm["rounds_reconcile_msgs_per_s"]
     assert results["rescan_unchanged"]["pending"] == 0
     assert results["latency_ms"]["samples"] == 5
     assert results["burst"]["files"] == 200
