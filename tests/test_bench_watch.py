@@ -46,6 +46,9 @@ def test_watch_benchmark_runs_every_part_on_a_small_mailbox(tmp_path: Path) -> N
     # Two warm rounds, each a reconcile of its own copy; the reported one is among them.
     assert warm["rounds"] == 2 and len(warm["rounds_vs_raw_read"]) == 2
     assert warm["reconcile_msgs_per_s"] in warm["rounds_reconcile_msgs_per_s"]
+    # The CPUs' measured capacity: some, and at most a little over the CPUs there are (timing).
+    assert 0 < warm["cpu_capacity"] <= warm["cpus"] * 1.25
+    assert warm["cpu_bound_at_capacity_msgs_per_s"] <= warm["cpu_bound_msgs_per_s"] * 1.25
     assert results["rescan_unchanged"]["pending"] == 0
     assert results["latency_ms"]["samples"] == 5
     assert results["burst"]["files"] == 200

@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,6 +19,7 @@ from sentlink.headers import parse_header_bytes
 from sentlink.linker import Draft
 from sentlink.model import Participant, Record
 from sentlink.store import open_store
+from sentlink.watch.handler import MessageHandler
 from sentlink.watch.oneshot import Reconcile
 from sentlink.watch.prepare import Prepared, pack, unpack
 from sentlink.watch.rules import Decision
@@ -132,17 +134,35 @@ def twins(tmp_path: Path, extra: str) -> tuple[Config, Config]:
     return configs[0], configs[1]
 
 
+@pytest.mark.parametrize("hooks", [HOOKS, ""], ids=["hooks", "no-hooks"])
 @pytest.mark.parametrize("unmatched", ["review", "create-lead"])
 def test_the_parallel_reconcile_ends_where_one_at_a_time_does(
-    tmp_path: Path, unmatched: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unmatched: str, hooks: str
 ) -> None:
-    serial, parallel = twins(tmp_path, f"crm: {{unmatched: {unmatched}}}\n{HOOKS}")
+    serial, parallel = twins(tmp_path, f"crm: {{unmatched: {unmatched}}}\n{hooks}")
     expected = run(serial, SERIAL)
+    # The parallel reconcile stages the usual message from what the worker packed, the others
+    # as one at a time does: both ways must be taken here.
+    taken = {"packed": 0, "general": 0}
+    stage_packed, stage = MessageHandler.stage_packed, MessageHandler.stage
+
+    def count_packed(self: MessageHandler, *args: Any) -> Any:
+        staged = stage_packed(self, *args)
+        taken["packed"] += staged is not None
+        return staged
+
+    def count_general(self: MessageHandler, *args: Any) -> Any:
+        taken["general"] += 1
+        return stage(self, *args)
+
+    monkeypatch.setattr(MessageHandler, "stage_packed", count_packed)
+    monkeypatch.setattr(MessageHandler, "stage", count_general)
     assert run(parallel, PARALLEL) == expected
+    assert taken["packed"] > 100 and taken["general"] > 30, taken
     assert expected["moved"] and expected["duplicates_removed"]  # every path was taken
     assert {"linked", "already", "skipped", "ambiguous"} <= set(expected["by_status"])  # type: ignore[arg-type]
     one, two = state(tmp_path / "one"), state(tmp_path / "two")
-    assert one["links"] and one["events"]
+    assert one["links"] and (one["events"] if hooks else not one["events"])
     assert two == one
 
 

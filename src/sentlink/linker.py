@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.errors import HeaderParseError
@@ -434,19 +434,8 @@ class Linker:
             private=draft.private,
         )
 
-        def outcome(
-            status: LinkStatus,
-            reason: str,
-            links: Sequence[Link] = (),
-            unmatched: Sequence[str] = (),
-            new_records: Sequence[Record] = (),
-        ) -> LinkResult:
-            return LinkResult(
-                status, reason, len(links), message_id, tuple(unmatched), tuple(new_records)
-            )
-
         if draft.private:
-            return info, [], outcome("skipped", "private")
+            return info, [], LinkResult("skipped", "private", 0, message_id)
         if draft.ambiguous:
             log.warning(
                 "account=%s message_id=%s file=%s ambiguous address, linking nothing: %s",
@@ -455,9 +444,9 @@ class Linker:
                 file,
                 draft.ambiguous,
             )
-            return info, [], outcome("ambiguous", draft.ambiguous)
+            return info, [], LinkResult("ambiguous", draft.ambiguous, 0, message_id)
         if draft.skip:
-            return info, [], outcome("skipped", draft.skip)
+            return info, [], LinkResult("skipped", draft.skip, 0, message_id)
         participants = draft.participants
         own = self._filter.own(account.name)
         refs = draft.refs
@@ -495,10 +484,14 @@ class Linker:
                 new_records.append(lead)
                 links.append(self._link(info, lead, participant.email, participant.role, "address"))
             unmatched = []
-        emails = [p.email for p in unmatched]
+        emails = tuple([p.email for p in unmatched])
         if not links:
-            return info, [], outcome("skipped", "no-match", (), emails)
-        return info, links, outcome("linked", "", links, emails, new_records)
+            return info, [], LinkResult("skipped", "no-match", 0, message_id, emails)
+        return (
+            info,
+            links,
+            LinkResult("linked", "", len(links), message_id, emails, tuple(new_records)),
+        )
 
     def explain_address(self, email: str) -> tuple[str, list[Record]]:
         """Why an address would (not) be linked, and to which records (``sentlink match``)."""
@@ -516,13 +509,10 @@ class Linker:
         """Look up the records of these drafts' candidates, and the records linked to the
         messages they reply to, together (inside a store batch), rather than one at a time as
         each message of the account is planned."""
-        forms = self._filter.forms
-        self._store.prime_records(
-            form for d in drafts for p in d.candidates for form in forms(p.email)
-        )
-        # The drafts whose plan looks up thread links (see plan).
-        self._store.prime_thread_links(
+        self.prime_lookups(
             account,
+            (p.email for d in drafts for p in d.candidates),
+            # The drafts whose plan looks up thread links (see plan).
             (
                 r
                 for d in drafts
@@ -531,17 +521,27 @@ class Linker:
             ),
         )
 
+    def prime_lookups(self, account: str, emails: Iterable[str], refs: Iterable[str]) -> None:
+        """:meth:`prime` for the candidates' addresses and the Message-IDs replied to."""
+        forms = self._filter.forms
+        self._store.prime_records(form for email in emails for form in forms(email))
+        self._store.prime_thread_links(account, refs)
+
     def matching_records(self, email: str) -> list[Record]:
         """Records an address links to (normalized forms, ``multiple_match`` applied)."""
         return self._match(email)
 
     def _match(self, email: str) -> list[Record]:
-        found: dict[tuple[str, str], Record] = {}
-        for form in self._filter.forms(email):
-            for record in self._store.records_by_email(form):
-                found.setdefault((record.kind, record.id), record)
-        records = list(found.values())
-        if self._contact_first:
+        forms = self._filter.forms(email)
+        if len(forms) == 1:  # one address has each record once (the store's key)
+            records = self._store.records_by_email(forms[0])
+        else:
+            found: dict[tuple[str, str], Record] = {}
+            for form in forms:
+                for record in self._store.records_by_email(form):
+                    found.setdefault((record.kind, record.id), record)
+            records = list(found.values())
+        if self._contact_first and records:
             contacts = [r for r in records if r.kind == "contact"]
             return contacts or records
         return records

@@ -34,7 +34,14 @@ from sentlink.store import SaveRequest, Store, StoreError
 from sentlink.watch.duplicates import Copy, body_hash, resolve
 from sentlink.watch.known import KnownFile, KnownFiles
 from sentlink.watch.policy import WatchPolicy
-from sentlink.watch.prepare import Prepared, Preparer, direction_of
+from sentlink.watch.prepare import (
+    Packed,
+    Prepared,
+    Preparer,
+    direction_of,
+    kept_headers,
+    packed_draft,
+)
 from sentlink.watch.rules import Decision, MessageFacts
 
 __all__ = [
@@ -81,6 +88,10 @@ class Staged:
     moved: bool
     trashed: int
     forget: tuple[KnownFile, ...]  # indexed duplicate copies deleted
+
+
+# What MessageHandler.stage_packed gives: the write, the plan's outcome, the headers kept.
+QuickStaged = tuple[SaveRequest, LinkResult, HeaderBlock]
 
 
 @dataclass(frozen=True)
@@ -283,6 +294,50 @@ class MessageHandler:
                 path = kept
                 info = replace(info, file=relative(path, account.maildir))
         return Staged(info, links, result, headers, path, moved, trashed, tuple(forget))
+
+    def stage_packed(
+        self, account: AccountConfig, folder: str, path: Path, packed: Packed
+    ) -> QuickStaged | None:
+        """:meth:`stage` and :meth:`request` of the usual message of a reconcile, from what a
+        worker packed (``prepare.pack``): no rule's decision (no move, no flag, linked), and
+        not a copy of a message already in this folder. None for any other message: then
+        :meth:`stage` handles it. The same plan and request as there, without the steps that
+        do nothing for such a message (a few us per message of a reconcile's main process).
+        Raises like :meth:`request`."""
+        if packed[2] is not None:  # a rule or the self-sent rule decided something
+            return None
+        direction = direction_of(account, folder)
+        message_id = packed[3]
+        uniq = split_uniq(path.name)
+        if direction == "sent" and message_id:
+            for known in self._known.message_files(account.name, message_id):
+                if known.folder == folder and known.uniq != uniq:
+                    return None  # copies to reduce (_deduplicate)
+        draft = packed_draft(packed)
+        headers = kept_headers(packed)
+        info, links, result = self._linker.plan(
+            account, folder, uniq, relative(path, account.maildir), headers, direction, draft
+        )
+        return self._linker.request(info, links, result, headers, path), result, headers
+
+    def complete_packed(self, staged: QuickStaged, saved: bool, path: Path) -> str:
+        """The status of a message staged by :meth:`stage_packed`, as :meth:`complete` gives
+        it for one staged by :meth:`stage`."""
+        request, result, headers = staged
+        info = request.info
+        if not saved:
+            if result.status == "linked":
+                self._linker.add_missing_links(info, request.links, headers, path)
+            return "already"
+        if result.status == "linked":
+            log.info(
+                "account=%s message_id=%s linked records=%d file=%s",
+                info.account,
+                info.message_id,
+                len(request.links),
+                info.file,
+            )
+        return result.status
 
     def request(self, staged: Staged) -> SaveRequest:
         """What to write for a staged message. Raises OSError like ``Linker.save``."""

@@ -200,15 +200,33 @@ def pack(prepared: Prepared) -> Packed:
 
 def unpack(packed: Packed) -> Prepared:
     """The slim Prepared that ``pack`` was given."""
+    return Prepared(kept_headers(packed), packed[2] or NO_RULE, packed_draft(packed))
+
+
+def packed_draft(packed: Packed) -> Draft:
+    """The draft of a packed Prepared."""
     participants = tuple([Participant(email, role, name) for email, role, name in packed[8]])
-    draft = Draft(
+    return Draft(
         *packed[3:8],
         participants,
         packed[9],
         packed[10],
         tuple([participants[i] for i in packed[11]]),
     )
-    return Prepared(HeaderBlock(packed[0], packed[1]), packed[2] or NO_RULE, draft)
+
+
+def kept_headers(packed: Packed) -> HeaderBlock:
+    """The header fields a packed Prepared kept (``_KEPT_FIELDS``)."""
+    return HeaderBlock(packed[0], packed[1])
+
+
+def packed_lookups(packed: Packed) -> tuple[list[str], tuple[str, ...]]:
+    """What ``Linker.prime`` looks up for a packed Prepared's draft: its candidates' addresses,
+    and the Message-IDs it replies to when its plan looks up thread links."""
+    participants = packed[8]
+    emails = [participants[i][0] for i in packed[11]]
+    looks_up_threads = not (packed[7] or packed[9] or packed[10])  # private, ambiguous, skip
+    return emails, packed[6] if looks_up_threads else ()
 
 
 def prepare_chunk(

@@ -11,7 +11,7 @@ import logging
 import multiprocessing
 import os
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,15 +21,30 @@ from typing import TypeVar
 
 from sentlink.config.models import AccountConfig, Config
 from sentlink.errors import CaptureError
-from sentlink.linker import Draft, Linker
+from sentlink.linker import Linker
 from sentlink.maildir import folder_path, list_messages, split_uniq
 from sentlink.maildir.folders import list_message_names
 from sentlink.maildir.names import folder_dir_name
 from sentlink.model import Direction
 from sentlink.store import SaveRequest, Store
-from sentlink.watch.handler import MessageHandler, Outcome, Staged, WatchPolicy, relative
+from sentlink.watch.handler import (
+    MessageHandler,
+    Outcome,
+    QuickStaged,
+    Staged,
+    WatchPolicy,
+    relative,
+)
 from sentlink.watch.known import KnownFiles, known_files_for
-from sentlink.watch.prepare import Packed, Prepared, Preparer, init_worker, prepare_chunk, unpack
+from sentlink.watch.prepare import (
+    Packed,
+    Prepared,
+    Preparer,
+    init_worker,
+    packed_lookups,
+    prepare_chunk,
+    unpack,
+)
 from sentlink.watch.readahead import ReadAhead
 
 log = logging.getLogger("sentlink.watch")
@@ -278,13 +293,18 @@ def scan_folders(
                 )
                 parallel = len(paths) >= parallel_from
                 steps = _pipeline(
-                    workers if parallel else None, handler.preparer, ref, paths, linker.prime
+                    workers if parallel else None,
+                    handler.preparer,
+                    ref,
+                    paths,
+                    linker.prime_lookups,
                 )
                 if parallel:
                     _handle_in_groups(handler, ref, steps, summary, progress)
                     continue
-                for path, prepared in steps:
+                for path, packed in steps:
                     summary.seen += 1
+                    prepared = None if packed is None else unpack(packed)
                     summary.add_outcome(handle_one(handler, ref, path, prepared))
                     if progress is not None:
                         progress(1)
@@ -315,7 +335,7 @@ def fewer_gc_passes() -> Iterator[None]:
 def _handle_in_groups(
     handler: MessageHandler,
     ref: FolderRef,
-    steps: Iterator[tuple[Path, Prepared | None]],
+    steps: Iterator[tuple[Path, Packed | None]],
     summary: ScanSummary,
     progress: Callable[[int], None] | None,
 ) -> None:
@@ -328,45 +348,50 @@ def _handle_in_groups(
     file that creates a lead is written at once (the next ones must find the lead). So each
     file is handled as it would be one at a time.
     """
-    group: list[tuple[Path, Staged, SaveRequest]] = []
+    group: list[tuple[Path, SaveRequest, Staged | QuickStaged]] = []
     ids: set[str] = set()
 
     def write() -> None:
         try:
-            answers: Sequence[bool | Exception] = handler.save_many([r for _p, _s, r in group])
+            answers: Sequence[bool | Exception] = handler.save_many([r for _p, r, _s in group])
         except Exception as exc:  # save_many reports each one's StoreError: this is a bug
             answers = [exc] * len(group)
-        for (path, staged, _request), answer in zip(group, answers, strict=True):
+        for (path, _request, staged), answer in zip(group, answers, strict=True):
             if isinstance(answer, Exception):
                 log.warning(
                     "account=%s file=%s not handled: %s", ref.account.name, path.name, answer
                 )
                 summary.add_outcome(Outcome("error", ref.folder))
-            else:
+            elif isinstance(staged, Staged):
                 summary.add_outcome(handler.complete(staged, answer))
+            else:
+                summary.add(handler.complete_packed(staged, answer, path))
         group.clear()
         ids.clear()
 
-    def stage(path: Path, prepared: Prepared | None) -> Outcome | tuple[Staged, SaveRequest]:
+    def stage(
+        path: Path, packed: Packed | None
+    ) -> Outcome | tuple[SaveRequest, Staged | QuickStaged]:
+        if packed is not None:
+            quick = handler.stage_packed(ref.account, ref.folder, path, packed)
+            if quick is not None:
+                return quick[0], quick
+        prepared = None if packed is None else unpack(packed)
         staged = handler.stage(ref.account, ref.folder, path, prepared)
-        return staged if isinstance(staged, Outcome) else (staged, handler.request(staged))
+        return staged if isinstance(staged, Outcome) else (handler.request(staged), staged)
 
-    for path, prepared in steps:
+    for path, packed in steps:
         summary.seen += 1
-        if group and (
-            prepared is None
-            or prepared.draft.message_id in ids
-            or any(r in ids for r in prepared.draft.refs)
-        ):
+        if group and (packed is None or packed[3] in ids or any(r in ids for r in packed[6])):
             write()
-        done = _guarded(ref, path, lambda: stage(path, prepared))  # noqa: B023 (called at once)
+        done = _guarded(ref, path, lambda: stage(path, packed))  # noqa: B023 (called at once)
         if isinstance(done, Outcome):
             summary.add_outcome(done)
         else:
-            staged, request = done
-            group.append((path, staged, request))
-            if staged.info.message_id:
-                ids.add(staged.info.message_id)
+            request, staged = done
+            group.append((path, request, staged))
+            if request.info.message_id:
+                ids.add(request.info.message_id)
             if request.new_records or len(group) >= _WRITE_GROUP:
                 write()
         if progress is not None:
@@ -452,11 +477,11 @@ class Workers:
 
     def results(
         self, job: Future[list[Packed | None]] | None, count: int
-    ) -> Sequence[Prepared | None]:
+    ) -> Sequence[Packed | None]:
         if job is None:
             return [None] * count
         try:
-            return [None if p is None else unpack(p) for p in job.result()]
+            return job.result()
         except Exception as exc:  # the worker died: the main process prepares the files
             if not self.failed:
                 log.warning("preparing files in a worker process failed: %s", exc)
@@ -469,15 +494,16 @@ def _pipeline(
     preparer: Preparer,
     ref: FolderRef,
     paths: Sequence[Path],
-    prime: Callable[[str, Sequence[Draft]], None],
-) -> Iterator[tuple[Path, Prepared | None]]:
+    prime: Callable[[str, Iterable[str], Iterable[str]], None],
+) -> Iterator[tuple[Path, Packed | None]]:
     """``paths`` in order, each with what the worker prepared for it (None: not prepared;
     without ``workers``, nothing is).
 
     The worker runs a few chunks ahead of the file being handled, and the read-ahead process a
     few chunks ahead of the worker: with a cold cache each file costs disk reads (its inode,
     then its first block) that would otherwise stall whoever reads it first. ``prime`` gets
-    each prepared chunk's drafts first: their records are looked up together.
+    each prepared chunk's candidate addresses and replied-to Message-IDs first: their records
+    are looked up together.
     """
     if workers is None:
         yield from ((path, None) for path in paths)
@@ -493,7 +519,12 @@ def _pipeline(
             jobs.append(workers.submit(preparer, ref, chunks[submitted]))
             submitted += 1
         results = workers.results(jobs.popleft(), len(chunk))
-        prime(ref.account.name, [p.draft for p in results if p is not None])
+        lookups = [packed_lookups(p) for p in results if p is not None]
+        prime(
+            ref.account.name,
+            (e for emails, _refs in lookups for e in emails),
+            (r for _emails, refs in lookups for r in refs),
+        )
         yield from zip(chunk, results, strict=True)
 
 
