@@ -58,10 +58,12 @@ log = logging.getLogger("sentlink.watch")
 
 # Store writes per transaction while handling many files (a reconcile, a burst of events): a
 # commit per message would cost more than indexing it, and each commit writes every index page
-# its messages touched, so fewer, larger commits write the hot pages fewer times (2,000: about
-# 0.25 s of a reconcile). Half a second bounds how long the write lock is held and how much a
-# crash makes the next rescan redo.
-BATCH_WRITES = 2000
+# its messages touched (a random Message-ID lands on a different page of its index each time),
+# so fewer, larger commits write the hot pages fewer times. Half a second bounds how long the
+# write lock is held and how much a crash makes the next rescan redo; a reconcile reaches it
+# first. Replaying a 100,000-message reconcile's main process, commits every 10,000 writes
+# rather than 2,000 cost 3-6 us less per message.
+BATCH_WRITES = 10_000
 BATCH_SECONDS = 0.5
 
 
