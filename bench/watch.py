@@ -11,7 +11,8 @@
    ``email`` default-policy loop reading five address headers, measured on ``--sample``
    messages and extrapolated. Warm cache, then cold (``/proc/sys/vm/drop_caches``, as root).
    Warm, ``--rounds`` reconciles of fresh copies of the mailbox (hard links), each right after
-   a raw read of its copy; the round with the median ratio is reported, and all of them.
+   a raw read of its copy and a measure of the CPUs' capacity (below); the round with the
+   median ratio is reported, and all of them.
    Ceiling, same run: the store's own bulk write path alone, given every row the reconcile
    wrote (messages, files, links) as ready-made requests, into a fresh store, in the
    reconcile's groups and commits. SQLite has one writer at a time, so no reconcile writing
@@ -207,23 +208,25 @@ def reconcile(config: Config) -> tuple[float, dict[str, object]]:
 
 def warm_rounds(
     base: Path, pristine: Path, count: int
-) -> list[tuple[float, float, float, dict[str, object]]]:
+) -> list[tuple[float, float, float, dict[str, object], float]]:
     """``count`` warm reconciles, each of its own copy of the mailbox (hard links to the same,
     cached files) into its own store, right after a raw read of that copy: (raw files/s, raw
-    listing seconds, reconcile seconds, summary) of each. The first is of ``base`` itself,
-    whose store the later parts of the benchmark use."""
+    listing seconds, reconcile seconds, summary, the CPUs' capacity measured just before) of
+    each. The first is of ``base`` itself, whose store the later parts of the benchmark use."""
     rounds = []
+    cpus = len(os.sched_getaffinity(0))
     for number in range(count):
         where = base if number == 0 else base / f"round{number}"
         if number:
             shutil.copytree(pristine, where / "alice", copy_function=os.link)
             os.sync()
+        capacity = cpu_capacity(cpus, repeats=1)
         raw, listing = raw_read(where / "alice")
         elapsed, summary = reconcile(make_config(where))
-        rounds.append((raw, listing, elapsed, summary))
+        rounds.append((raw, listing, elapsed, summary, capacity))
         print(
             f"warm round {number + 1}: reconcile of {summary['seen']} files {elapsed:.2f} s,"
-            f" raw read {raw:.0f} files/s",
+            f" raw read {raw:.0f} files/s, CPU capacity {capacity:.2f}",
             flush=True,
         )
         if number:
@@ -466,7 +469,7 @@ def main(argv: list[str]) -> int:
         ratios = [rate / raw for rate, raw in zip(rates, raws, strict=True)]
         # The median round: the machine's speed moves by up to a fifth between runs.
         middle = sorted(range(len(rounds)), key=lambda i: ratios[i])[len(rounds) // 2]
-        raw_warm, raw_warm_listing, elapsed, summary = rounds[middle]
+        raw_warm, raw_warm_listing, elapsed, summary, _capacity = rounds[middle]
         ours_warm = args.messages / elapsed
         warm: dict[str, object] = {
             "reconcile_msgs_per_s": round(ours_warm),
@@ -483,6 +486,7 @@ def main(argv: list[str]) -> int:
             "rounds_reconcile_msgs_per_s": [round(r) for r in rates],
             "rounds_raw_8k_read_files_per_s": [round(r) for r in raws],
             "rounds_vs_raw_read": [round(r, 3) for r in ratios],
+            "rounds_cpu_capacity": [round(r[4], 2) for r in rounds],
             "summary": summary,
         }
         ceiling = store_writes_only(base, written_requests(base / "s.db"))

@@ -48,6 +48,7 @@ def test_watch_benchmark_runs_every_part_on_a_small_mailbox(tmp_path: Path) -> N
     assert warm["reconcile_msgs_per_s"] in warm["rounds_reconcile_msgs_per_s"]
     # The CPUs' measured capacity: some, and at most a little over the CPUs there are (timing).
     assert 0 < warm["cpu_capacity"] <= warm["cpus"] * 1.25
+    assert len(warm["rounds_cpu_capacity"]) == 2
     assert warm["cpu_bound_at_capacity_msgs_per_s"] <= warm["cpu_bound_msgs_per_s"] * 1.25
     assert results["rescan_unchanged"]["pending"] == 0
     assert results["latency_ms"]["samples"] == 5
