@@ -12,13 +12,14 @@ import email.parser
 import email.policy
 import hashlib
 import json
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
+from sentlink.headers import StrPath
 from sentlink.model import Link, MessageInfo, Participant, Record
 from sentlink.store import NewEvent
 
@@ -53,12 +54,12 @@ def _timestamp(now: float) -> str:
     return datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds")
 
 
-def message_facts(path: Path, sender: Participant | None) -> MessageFacts:
+def message_facts(path: StrPath, sender: Participant | None) -> MessageFacts:
     """Size and attachment file names of a message file (RFC 2183 filename, RFC 2231 decoded)."""
-    size = path.stat().st_size
+    size = os.stat(path).st_size
     names: list[str] = []
     if size <= MAX_PARSE_BYTES:
-        with path.open("rb") as f:
+        with open(path, "rb") as f:
             msg = email.parser.BytesParser(policy=email.policy.compat32).parse(f)
         for part in msg.walk():
             if part.is_multipart():

@@ -53,7 +53,7 @@ from sentlink.events import (
     message_linked,
     record_created,
 )
-from sentlink.headers import DEFAULT_MAX_HEADER_BYTES, HeaderBlock, read_headers
+from sentlink.headers import DEFAULT_MAX_HEADER_BYTES, HeaderBlock, StrPath, read_headers
 from sentlink.maildir.names import split_uniq
 from sentlink.model import Direction, Link, MessageInfo, Participant, Record, Role, Via
 from sentlink.store import NewEvent, SaveRequest, Store, StoreError
@@ -333,7 +333,7 @@ class Linker:
         return self._store.save_message(r.info, r.links, r.events, r.unmatched, r.new_records)
 
     def add_missing_links(
-        self, info: MessageInfo, links: Sequence[Link], headers: HeaderBlock, path: Path
+        self, info: MessageInfo, links: Sequence[Link], headers: HeaderBlock, path: StrPath
     ) -> int:
         """Links of another copy of an indexed message that the message lacks, added with a
         ``message.linked`` event for them alone; how many were added.
@@ -371,7 +371,7 @@ class Linker:
         links: Sequence[Link],
         result: LinkResult,
         headers: HeaderBlock,
-        path: Path,
+        path: StrPath,
     ) -> SaveRequest:
         """What :meth:`save` would write, for :meth:`save_many`. Raises OSError like it."""
         events = self._events(info, links, result, headers, path)
@@ -389,7 +389,7 @@ class Linker:
         links: Sequence[Link],
         result: LinkResult,
         headers: HeaderBlock,
-        path: Path,
+        path: StrPath,
     ) -> list[NewEvent]:
         """Outbox events of a linked message: record.created for new leads, then
         message.linked (the store delivers a record's events in this order)."""

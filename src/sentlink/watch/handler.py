@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sentlink.config.models import AccountConfig
-from sentlink.headers import HeaderBlock
+from sentlink.headers import HeaderBlock, StrPath
 from sentlink.linker import Linker, LinkResult
 from sentlink.maildir import find_message, folder_path, move_message, resolve_owner, set_flags
 from sentlink.maildir.cache import FolderCache
@@ -124,15 +124,15 @@ class Plan:
         }
 
 
-def relative(path: Path, root: Path) -> str:
+def relative(path: StrPath, root: Path) -> str:
     # String prefix first: pathlib's relative_to costs more than the rest of indexing a file.
     text, prefix = str(path), str(root) + "/"
     if text.startswith(prefix) and len(text) > len(prefix):
         return text[len(prefix) :]
     try:
-        return str(path.relative_to(root))
+        return str(Path(path).relative_to(root))
     except ValueError:
-        return str(path)
+        return text
 
 
 class MessageHandler:
@@ -298,7 +298,7 @@ class MessageHandler:
         return Staged(info, links, result, headers, path, moved, trashed, tuple(forget))
 
     def stage_packed(
-        self, account: AccountConfig, folder: str, path: Path, packed: Packed
+        self, account: AccountConfig, folder: str, path: str, packed: Packed
     ) -> QuickStaged | None:
         """:meth:`stage` and :meth:`request` of the usual message of a reconcile, from what a
         worker packed (``prepare.pack``): no rule's decision (no move, no flag, linked), and
@@ -310,7 +310,7 @@ class MessageHandler:
             return None
         direction = direction_of(account, folder)
         message_id = packed[3]
-        uniq = split_uniq(path.name)
+        uniq = split_uniq(path.rpartition("/")[2])
         if direction == "sent" and message_id:
             for known in self._known.message_files(account.name, message_id):
                 if known.folder == folder and known.uniq != uniq:
@@ -322,7 +322,7 @@ class MessageHandler:
         )
         return self._linker.request(info, links, result, headers, path), result, headers
 
-    def complete_packed(self, staged: QuickStaged, saved: bool, path: Path) -> str:
+    def complete_packed(self, staged: QuickStaged, saved: bool, path: str) -> str:
         """The status of a message staged by :meth:`stage_packed`, as :meth:`complete` gives
         it for one staged by :meth:`stage`."""
         request, result, headers = staged

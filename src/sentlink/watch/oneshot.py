@@ -76,7 +76,7 @@ class Reconcile:
         self._workers.close()
         self._known.close()
 
-    def pending(self, record_moves: bool = True) -> dict[FolderRef, list[Path]]:
+    def pending(self, record_moves: bool = True) -> dict[FolderRef, list[str]]:
         """New files per folder (a directory listing and a set difference per folder). A folder
         that looks like a large job starts the helper processes of ``run`` already, unless
         ``record_moves`` is false (``--dry-run``: nothing will be run)."""
@@ -85,7 +85,7 @@ class Reconcile:
 
     def run(
         self,
-        pending: dict[FolderRef, list[Path]],
+        pending: dict[FolderRef, list[str]],
         progress: Callable[[int], None] | None = None,
         parallel_from: int = PARALLEL_FROM,
     ) -> ScanSummary:
@@ -102,10 +102,11 @@ class Reconcile:
             self._workers,
         )
 
-    def explain(self, pending: dict[FolderRef, list[Path]]) -> Iterator[Plan | Unreadable]:
+    def explain(self, pending: dict[FolderRef, list[str]]) -> Iterator[Plan | Unreadable]:
         """What ``run`` would do with each file, changing nothing."""
         for ref, paths in pending.items():
-            for path in paths:
+            for name in paths:
+                path = Path(name)
                 try:
                     yield self._handler.explain(ref.account, ref.folder, path)
                 except OSError as exc:

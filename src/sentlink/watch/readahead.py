@@ -87,7 +87,7 @@ class ReadAhead:
             fcntl.fcntl(self._fd, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
         return True
 
-    def hint(self, paths: Sequence[Path]) -> None:
+    def hint(self, paths: Sequence[str | Path]) -> None:
         """Ask for ``paths`` to be read into the page cache soon; never blocks."""
         if self.failed or (self._proc is None and not self.start()):
             return

@@ -167,7 +167,7 @@ def handle_one(
     return _guarded(ref, path, lambda: handler.handle(ref.account, ref.folder, path, prepared))
 
 
-def _guarded(ref: FolderRef, path: Path, work: Callable[[], _T]) -> _T | Outcome:
+def _guarded(ref: FolderRef, path: str | Path, work: Callable[[], _T]) -> _T | Outcome:
     """``work()`` on one file, its failure logged and turned into an outcome."""
     try:
         return work()
@@ -177,10 +177,14 @@ def _guarded(ref: FolderRef, path: Path, work: Callable[[], _T]) -> _T | Outcome
     except CaptureError as exc:
         if exc.reason == "io" and "gone" in str(exc):
             return Outcome("vanished", ref.folder)
-        log.warning("account=%s file=%s not handled: %s", ref.account.name, path.name, exc)
+        log.warning(
+            "account=%s file=%s not handled: %s", ref.account.name, os.path.basename(path), exc
+        )
         return Outcome("error", ref.folder)
     except Exception as exc:  # one bad file must not stop the watcher
-        log.warning("account=%s file=%s not handled: %s", ref.account.name, path.name, exc)
+        log.warning(
+            "account=%s file=%s not handled: %s", ref.account.name, os.path.basename(path), exc
+        )
         return Outcome("error", ref.folder)
 
 
@@ -190,9 +194,11 @@ def pending_files(
     known: KnownFiles,
     record_moves: bool = True,
     on_large: Callable[[], None] | None = None,
-) -> list[Path]:
-    """Message files of ``ref`` that the store has not indexed yet. Indexed files renamed or
-    moved in by a client get their new location recorded (unless ``record_moves`` is false).
+) -> list[str]:
+    """Message files of ``ref`` that the store has not indexed yet, as path strings (a path
+    object per file cost more than the rest of listing a folder never indexed). Indexed files
+    renamed or moved in by a client get their new location recorded (unless ``record_moves``
+    is false).
     ``on_large`` is called as soon as the folder looks like a large job: one the store has
     never indexed a file of, holding files, is listed; or one with PARALLEL_FROM new files.
 
@@ -211,23 +217,23 @@ def pending_files(
     if indexed is None:
         listing = list_messages(ref.account.maildir, ref.folder)
         found = [p for p in listing if needs_linking(store, ref, p, record_moves)]
-        return sorted(found, key=attrgetter("name"))
-    pending: list[tuple[str, Path]] = []
+        return [str(p) for p in sorted(found, key=attrgetter("name"))]
+    pending: list[tuple[str, str]] = []
     elsewhere: set[str] | None = None
     # Names, not paths: a path object per file cost most of a rescan of an unchanged folder.
     # A file's name relative to the Maildir, as the store keeps it: "cur/NAME", ".Sent/cur/NAME".
     dir_name = folder_dir_name(ref.folder)
     prefix = "" if dir_name is None else dir_name + "/"
-    subdirs = {sub: ref.path / sub for sub in ("new", "cur")}
+    subdirs = {sub: f"{ref.path}/{sub}/" for sub in ("new", "cur")}
     for sub, name in list_message_names(ref.account.maildir, ref.folder):
         uniq = split_uniq(name)
         file = indexed.get(uniq)
         if file is None:
-            path = subdirs[sub] / name
+            path = subdirs[sub] + name
             if elsewhere is None:  # read once, and only when a folder has new names
                 elsewhere = known.account_uniqs(ref.account.name) or set()
             # New here, or moved in from another folder by a client (then only recorded).
-            if uniq not in elsewhere or needs_linking(store, ref, path, record_moves):
+            if uniq not in elsewhere or needs_linking(store, ref, Path(path), record_moves):
                 pending.append((name, path))
         elif record_moves and file != (here := f"{prefix}{sub}/{name}"):
             store.move_message(ref.account.name, uniq, ref.folder, here)
@@ -264,7 +270,7 @@ def scan_folders(
     linker: Linker,
     progress: Callable[[int], None] | None = None,
     handler: MessageHandler | None = None,
-    pending: dict[FolderRef, list[Path]] | None = None,
+    pending: dict[FolderRef, list[str]] | None = None,
     parallel_from: int = PARALLEL_FROM,
     workers: Workers | None = None,
 ) -> ScanSummary:
@@ -305,7 +311,7 @@ def scan_folders(
                 for path, packed in steps:
                     summary.seen += 1
                     prepared = None if packed is None else unpack(packed)
-                    summary.add_outcome(handle_one(handler, ref, path, prepared))
+                    summary.add_outcome(handle_one(handler, ref, Path(path), prepared))
                     if progress is not None:
                         progress(1)
         finally:
@@ -335,7 +341,7 @@ def fewer_gc_passes() -> Iterator[None]:
 def _handle_in_groups(
     handler: MessageHandler,
     ref: FolderRef,
-    steps: Iterator[tuple[Path, Packed | None]],
+    steps: Iterator[tuple[str, Packed | None]],
     summary: ScanSummary,
     progress: Callable[[int], None] | None,
 ) -> None:
@@ -348,7 +354,7 @@ def _handle_in_groups(
     file that creates a lead is written at once (the next ones must find the lead). So each
     file is handled as it would be one at a time.
     """
-    group: list[tuple[Path, SaveRequest, Staged | QuickStaged]] = []
+    group: list[tuple[str, SaveRequest, Staged | QuickStaged]] = []
     ids: set[str] = set()
 
     def write() -> None:
@@ -359,7 +365,10 @@ def _handle_in_groups(
         for (path, _request, staged), answer in zip(group, answers, strict=True):
             if isinstance(answer, Exception):
                 log.warning(
-                    "account=%s file=%s not handled: %s", ref.account.name, path.name, answer
+                    "account=%s file=%s not handled: %s",
+                    ref.account.name,
+                    os.path.basename(path),
+                    answer,
                 )
                 summary.add_outcome(Outcome("error", ref.folder))
             elif isinstance(staged, Staged):
@@ -370,14 +379,14 @@ def _handle_in_groups(
         ids.clear()
 
     def stage(
-        path: Path, packed: Packed | None
+        path: str, packed: Packed | None
     ) -> Outcome | tuple[SaveRequest, Staged | QuickStaged]:
         if packed is not None:
             quick = handler.stage_packed(ref.account, ref.folder, path, packed)
             if quick is not None:
                 return quick[0], quick
         prepared = None if packed is None else unpack(packed)
-        staged = handler.stage(ref.account, ref.folder, path, prepared)
+        staged = handler.stage(ref.account, ref.folder, Path(path), prepared)
         return staged if isinstance(staged, Outcome) else (handler.request(staged), staged)
 
     for path, packed in steps:
@@ -454,12 +463,12 @@ class Workers:
                 return None
         return self._pool
 
-    def hint(self, paths: Sequence[Path]) -> None:
+    def hint(self, paths: Sequence[str]) -> None:
         """Have ``paths`` read into the page cache ahead of their reader (a cold start)."""
         self._readahead.hint(paths)
 
     def submit(
-        self, preparer: Preparer, ref: FolderRef, paths: Sequence[Path]
+        self, preparer: Preparer, ref: FolderRef, paths: Sequence[str]
     ) -> Future[list[Packed | None]] | None:
         """The job preparing ``paths``, or None when there is no worker (the main process then
         prepares each file itself)."""
@@ -467,9 +476,8 @@ class Workers:
         if pool is None:
             return None
         try:
-            # As strings: Path objects cost both processes more to send than the rest of the job.
-            names = [str(p) for p in paths]
-            return pool.submit(prepare_chunk, preparer, ref.account, ref.folder, names)
+            # Strings: Path objects cost both processes more to send than the rest of the job.
+            return pool.submit(prepare_chunk, preparer, ref.account, ref.folder, list(paths))
         except Exception as exc:  # the worker is gone: work without it
             log.warning("preparing files in a worker process failed: %s", exc)
             self.failed = True
@@ -493,9 +501,9 @@ def _pipeline(
     workers: Workers | None,
     preparer: Preparer,
     ref: FolderRef,
-    paths: Sequence[Path],
+    paths: Sequence[str],
     prime: Callable[[str, Iterable[str], Iterable[str]], None],
-) -> Iterator[tuple[Path, Packed | None]]:
+) -> Iterator[tuple[str, Packed | None]]:
     """``paths`` in order, each with what the worker prepared for it (None: not prepared;
     without ``workers``, nothing is).
 
@@ -534,7 +542,7 @@ def pending_by_folder(
     known: KnownFiles,
     record_moves: bool = True,
     on_large: Callable[[], None] | None = None,
-) -> dict[FolderRef, list[Path]]:
+) -> dict[FolderRef, list[str]]:
     """New files per folder, listed up front (for a progress bar's length). ``on_large``: as
     for :func:`pending_files`, called at most once per folder."""
     return {ref: pending_files(store, ref, known, record_moves, on_large) for ref in refs}
