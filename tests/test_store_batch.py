@@ -14,7 +14,15 @@ import pytest
 from pg import PgCluster, running_cluster
 from sentlink.errors import StoreError
 from sentlink.model import Link, MessageInfo, Participant, Record
-from sentlink.store import IndexedFile, NewEvent, SaveRequest, Store, open_store, sql
+from sentlink.store import (
+    IndexedFile,
+    MessageRows,
+    NewEvent,
+    SaveRequest,
+    Store,
+    open_store,
+    sql,
+)
 
 BOB = Record("contact", "c1", "Bob", ("bob@customer.test",))
 _names = itertools.count()
@@ -280,6 +288,64 @@ def test_a_group_of_new_messages_is_written_like_one_by_one(stores: Callable[[],
     rows = list(many.query_links(account="alice"))
     assert [r["file"] for r in rows] == [m.file for m in group]  # indexing order kept
     assert {r["record"]["id"] for r in rows} == {"c1"}
+
+
+@pytest.mark.parametrize("all_new", [True, False], ids=["all-new", "some-refused"])
+def test_rows_are_written_as_the_requests_they_stand_for(
+    stores: Callable[[], Store], all_new: bool
+) -> None:
+    """``save_rows``: what ``save_messages`` of the same requests answers and writes, whether
+    the group goes in a few statements (all new) or one by one (a unique key refuses one)."""
+    store = stores()
+    store.upsert_record(BOB)
+    fresh = [info(f"n{i}") for i in range(4)]
+    requests = [
+        SaveRequest(fresh[0], [link(fresh[0])], [], ["dana@newco.test"]),
+        SaveRequest(fresh[1], []),
+        *(SaveRequest(m, [link(m)]) for m in fresh[2:]),
+    ]
+    if not all_new:
+        copy = info("copy", message_id=fresh[1].message_id)  # same Message-ID as an earlier one
+        ghost = Record("contact", "gone", "Ghost", ("ghost@customer.test",))
+        broken = info("broken")  # links a record that does not exist: fails on its own
+        gone = Link("alice", broken.message_id, ghost, "ghost@x.test", "to", "address", "sent")
+        requests[2:2] = [SaveRequest(copy, [link(copy)]), SaveRequest(broken, [gone])]
+    rows = [MessageRows.of(r) for r in requests]
+    assert all(r is not None for r in rows)
+
+    def written() -> tuple[object, ...]:
+        return (
+            list(store.query_links(account="alice")),
+            store.folder_files("alice", "Sent"),
+            sorted(r["email"] for r in store.unmatched_addresses("alice")),
+            [f.uniq for f in store.message_files("alice", fresh[1].message_id)],
+        )
+
+    def shown(answers: list[bool | StoreError]) -> list[object]:
+        return [a if isinstance(a, bool) else "error" for a in answers]
+
+    with store.batch():
+        expected = shown(store.save_messages(requests))
+    wrote = written()
+    store.forget_account("alice")  # the same database: the same rows again, as rows
+    with store.batch():
+        answers = shown(store.save_rows([r for r in rows if r is not None]))
+    assert answers == expected
+    assert written() == wrote
+    assert expected == ([True] * 4 if all_new else [True, True, False, "error", True, True])
+
+
+def test_a_request_rows_cannot_say_has_none() -> None:
+    m = info("x")
+    assert MessageRows.of(SaveRequest(m, [link(m)], [event("e")])) is None
+    assert MessageRows.of(SaveRequest(m, [link(m)], new_records=[BOB])) is None
+    private = MessageInfo(**{**m.__dict__, "private": True})
+    assert MessageRows.of(SaveRequest(private, [])) is None
+    rows = MessageRows.of(SaveRequest(m, [link(m)], [], ["dana@newco.test"]))
+    assert rows is not None
+    assert rows.links == (("contact", "c1", "bob@customer.test", "to", "address"),)
+    assert rows.unmatched == ("dana@newco.test",)
+    assert rows.request().info == MessageInfo(**{**m.__dict__, "participants": ()})
 
 
 def test_records_answers_follow_another_connections_import_within_a_batch(

@@ -56,7 +56,7 @@ from sentlink.events import (
 from sentlink.headers import DEFAULT_MAX_HEADER_BYTES, HeaderBlock, StrPath, read_headers
 from sentlink.maildir.names import split_uniq
 from sentlink.model import Direction, Link, MessageInfo, Participant, Record, Role, Via
-from sentlink.store import NewEvent, SaveRequest, Store, StoreError
+from sentlink.store import MessageRows, NewEvent, SaveRequest, Store, StoreError
 
 log = logging.getLogger("sentlink.linker")
 
@@ -83,6 +83,11 @@ class LinkResult:
     message_id: str = ""
     unmatched: tuple[str, ...] = ()  # participant addresses that matched no record
     new_records: tuple[Record, ...] = ()  # leads created for them (crm.unmatched: create-lead)
+
+
+# What Linker.plan_rows reads of a draft: Message-ID, subject, date, the ids replied to, why
+# nothing is looked up ("" when something is), and the candidates as (address, role).
+RowsDraft = tuple[str, str, str, tuple[str, ...], str, Sequence[tuple[str, Role]]]
 
 
 @dataclass(frozen=True)
@@ -451,19 +456,11 @@ class Linker:
         own = self._filter.own(account.name)
         refs = draft.refs
 
-        links: list[Link] = []
-        linked: set[tuple[str, str]] = set()
-        unmatched: list[Participant] = []
-        for participant in draft.candidates:
-            records = self._match(participant.email)
-            if not records:
-                unmatched.append(participant)
-            for record in records:
-                if (record.kind, record.id) not in linked:
-                    linked.add((record.kind, record.id))
-                    links.append(
-                        self._link(info, record, participant.email, participant.role, "address")
-                    )
+        candidates = draft.candidates
+        found, unmatched_at = self._address_matches([(p.email, p.role) for p in candidates])
+        links = [self._link(info, record, email, role, "address") for record, email, role in found]
+        linked = {(record.kind, record.id) for record, _email, _role in found}
+        unmatched = [candidates[i] for i in unmatched_at]
         if refs:
             forms = self._filter.forms
             participant_emails = {f for p in participants for f in forms(p.email)}
@@ -492,6 +489,61 @@ class Linker:
             links,
             LinkResult("linked", "", len(links), message_id, emails, tuple(new_records)),
         )
+
+    def _address_matches(
+        self, candidates: Sequence[tuple[str, Role]]
+    ) -> tuple[list[tuple[Record, str, Role]], list[int]]:
+        """The records the candidates' addresses link to, each once, through the first
+        candidate naming it, as (record, address, role); and the positions of the candidates
+        matching no record."""
+        found: list[tuple[Record, str, Role]] = []
+        linked: set[tuple[str, str]] = set()
+        unmatched: list[int] = []
+        for position, (email, role) in enumerate(candidates):
+            records = self._match(email)
+            if not records:
+                unmatched.append(position)
+            for record in records:
+                if (record.kind, record.id) not in linked:
+                    linked.add((record.kind, record.id))
+                    found.append((record, email, role))
+        return found, unmatched
+
+    def plan_rows(
+        self,
+        account: str,
+        folder: str,
+        uniq: str,
+        file: str,
+        direction: Direction,
+        draft: RowsDraft,
+    ) -> tuple[MessageRows, LinkStatus] | None:
+        """:meth:`plan` and :meth:`request` of a message whose draft is neither private nor
+        ambiguous, as the rows ``Store.save_rows`` writes, and the status; None when its
+        write would need more than rows (a hook event, a new lead, a thread link): then
+        :meth:`plan`. ``draft`` holds the draft's fields this reads (see RowsDraft)."""
+        message_id, subject, date, refs, skip, candidates = draft
+        if skip:
+            rows = MessageRows(
+                account, uniq, folder, file, direction, message_id, subject, date, ()
+            )
+            return rows, "skipped"
+        found, unmatched_at = self._address_matches(candidates)
+        if unmatched_at and self._unmatched == "create-lead":
+            return None  # leads to create
+        if found and self._subscribers[MESSAGE_LINKED]:
+            return None  # an event to write, with facts read from the file
+        if refs and self._store.linked_records_for_message_ids(account, refs):
+            return None  # records linked to the thread: plan decides which to link
+        unmatched = (
+            tuple([candidates[i][0] for i in unmatched_at]) if self._unmatched == "review" else ()
+        )
+        via: Via = "address"
+        links = tuple([(r.kind, r.id, email, role, via) for r, email, role in found])
+        rows = MessageRows(
+            account, uniq, folder, file, direction, message_id, subject, date, links, unmatched
+        )
+        return rows, "linked" if links else "skipped"
 
     def explain_address(self, email: str) -> tuple[str, list[Record]]:
         """Why an address would (not) be linked, and to which records (``sentlink match``)."""

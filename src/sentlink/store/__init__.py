@@ -11,16 +11,17 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Literal, Protocol, TypedDict
+from typing import Literal, NamedTuple, Protocol, TypedDict
 
 from sentlink.errors import StoreError
-from sentlink.model import Link, MessageInfo, Record
+from sentlink.model import Direction, Link, MessageInfo, Record, RecordKind, Role, Via
 
 __all__ = [
     "Delivery",
     "DeliveryState",
     "IndexedFile",
     "LinkRow",
+    "MessageRows",
     "NewEvent",
     "OutboxRow",
     "RecordRow",
@@ -59,6 +60,72 @@ class SaveRequest:
     events: Sequence[NewEvent] = ()
     unmatched: Sequence[str] = ()
     new_records: Sequence[Record] = ()
+
+
+class MessageRows(NamedTuple):
+    """A new message as ``Store.save_rows`` writes it: what ``save_message`` writes for a
+    request without events or new records, as plain values. A reconcile writes tens of
+    thousands of messages; a MessageInfo, a Link per record and a SaveRequest for each cost its
+    main process more than the rows' own writes (watch/scan.py)."""
+
+    account: str
+    uniq: str
+    folder: str
+    file: str
+    direction: Direction
+    message_id: str
+    subject: str
+    date: str
+    links: tuple[tuple[RecordKind, str, str, Role, Via], ...]  # (kind, record id, email, role, via)
+    unmatched: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, request: SaveRequest) -> MessageRows | None:
+        """The rows of a request that rows can say (no events, no new records, not private),
+        or None."""
+        info = request.info
+        if request.events or request.new_records or info.private:
+            return None
+        links = tuple(
+            [(ln.record.kind, ln.record.id, ln.email, ln.role, ln.via) for ln in request.links]
+        )
+        return cls(
+            info.account,
+            info.uniq,
+            info.folder,
+            info.file,
+            info.direction,
+            info.message_id,
+            info.subject,
+            info.date,
+            links,
+            tuple(request.unmatched),
+        )
+
+    def message_info(self) -> MessageInfo:
+        """The message's row as a MessageInfo (without participants: the store keeps none)."""
+        return MessageInfo(
+            self.account,
+            self.folder,
+            self.uniq,
+            self.file,
+            self.direction,
+            self.message_id,
+            self.subject,
+            self.date,
+            (),
+        )
+
+    def request(self) -> SaveRequest:
+        """The same write as a SaveRequest. Its links name each record by kind and id only
+        (what the store writes of it)."""
+        info = self.message_info()
+        links = [
+            Link(self.account, self.message_id, Record(kind, rid, "", ()), email, role, via, d)
+            for kind, rid, email, role, via in self.links
+            for d in (self.direction,)
+        ]
+        return SaveRequest(info, links, (), self.unmatched)
 
 
 @dataclass(frozen=True)
@@ -216,6 +283,9 @@ class Store(Protocol):
         """``save_message`` for each request in order, each all-or-nothing, with what each
         returned or the StoreError it raised; a backend may write them with fewer statements.
         """
+
+    def save_rows(self, rows: Sequence[MessageRows]) -> list[bool | StoreError]:
+        """``save_messages`` of ``[r.request() for r in rows]``, from the rows themselves."""
 
     # outbox
 

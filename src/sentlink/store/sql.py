@@ -21,6 +21,7 @@ from sentlink.store import (
     Delivery,
     IndexedFile,
     LinkRow,
+    MessageRows,
     NewEvent,
     OutboxRow,
     SaveRequest,
@@ -460,6 +461,9 @@ class SqlStore(ABC):
                 self._insert_event(conn, event)
             return True
 
+    def save_rows(self, rows: Sequence[MessageRows]) -> list[bool | StoreError]:
+        return self.save_messages([r.request() for r in rows])
+
     def save_messages(self, requests: Sequence[SaveRequest]) -> list[bool | StoreError]:
         return [self._save_or_error(r) for r in requests]
 
@@ -657,17 +661,26 @@ class SqlStore(ABC):
     def _new_messages_written(self, requests: Sequence[SaveRequest]) -> None:
         """Messages just written as new, each with exactly its ``links``: what a thread lookup
         of them now finds."""
+        self._new_links_written(
+            (
+                r.info.account,
+                r.info.message_id,
+                () if r.info.private else [(ln.record.kind, ln.record.id) for ln in r.links],
+            )
+            for r in requests
+        )
+
+    def _new_links_written(
+        self, messages: Iterable[tuple[str, str, Iterable[tuple[str, str]]]]
+    ) -> None:
+        """``_new_messages_written`` of (account, Message-ID, linked record keys) each."""
         batch: WriteBatch | None = getattr(self._local, "batch", None)
         if batch is None:
             return
-        if len(batch.threads) + len(requests) > MAX_CACHED_THREADS:
+        written = [m for m in messages if m[1]]
+        if len(batch.threads) + len(written) > MAX_CACHED_THREADS:
             self._forget_threads()
-        for r in requests:
-            if r.info.message_id:
-                keys: set[tuple[str, str]] = set()
-                if not r.info.private:
-                    keys.update((ln.record.kind, ln.record.id) for ln in r.links)
-                batch.threads[(r.info.account, r.info.message_id)] = keys
+        batch.threads.update(((account, mid), set(keys)) for account, mid, keys in written)
 
     def query_links(
         self,

@@ -17,9 +17,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from sentlink.errors import StoreError
-from sentlink.store import SaveRequest
+from sentlink.store import MessageRows, SaveRequest
 from sentlink.store.batch import Finish
 from sentlink.store.schema import MIGRATIONS, migrate
 from sentlink.store.sql import Connection, SqlStore
@@ -178,7 +179,13 @@ class SqliteStore(SqlStore):
         # else (a file or Message-ID indexed already, which the unique keys refuse; repeats
         # within the group; new leads; a failing row) goes one by one, as save_message would,
         # each all-or-nothing.
-        if len(requests) > 1 and self._bulk_possible(requests):
+        if (
+            len(requests) > 1
+            and not any(r.new_records for r in requests)
+            and self._bulk_possible(
+                [(r.info.account, r.info.uniq, r.info.message_id) for r in requests]
+            )
+        ):
             try:
                 self._save_new(requests)
                 return [True] * len(requests)
@@ -186,66 +193,109 @@ class SqliteStore(SqlStore):
                 pass  # the savepoint is rolled back: one by one, each fails on its own
         return super().save_messages(requests)
 
+    def save_rows(self, rows: Sequence[MessageRows]) -> list[bool | StoreError]:
+        # As save_messages, from plain values.
+        if len(rows) > 1 and self._bulk_possible([(r.account, r.uniq, r.message_id) for r in rows]):
+            try:
+                self._save_new_rows(rows)
+                return [True] * len(rows)
+            except StoreError:
+                pass
+        return super().save_messages([r.request() for r in rows])  # one by one
+
     @staticmethod
-    def _bulk_possible(requests: Sequence[SaveRequest]) -> bool:
-        account = requests[0].info.account
-        if any(r.info.account != account or r.new_records for r in requests):
+    def _bulk_possible(keys: Sequence[tuple[str, str, str]]) -> bool:
+        """One account, and no unique name or Message-ID twice: (account, uniq, Message-ID)."""
+        account = keys[0][0]
+        if any(k[0] != account for k in keys):
             return False
-        uniqs = {r.info.uniq for r in requests}
-        ids = [r.info.message_id for r in requests if r.info.message_id]
-        return len(uniqs) == len(requests) and len(set(ids)) == len(ids)
+        ids = [k[2] for k in keys if k[2]]
+        return len({k[1] for k in keys}) == len(keys) and len(set(ids)) == len(ids)
 
     def _save_new(self, requests: Sequence[SaveRequest]) -> None:
         """Write all of ``requests`` as new messages. A file or Message-ID indexed already
         violates a unique key: StoreError, and the savepoint leaves nothing written."""
-        now = datetime.now(UTC).isoformat(timespec="seconds")
         with self._write(len(requests)) as conn:
-            # What INTEGER PRIMARY KEY would assign one by one (the batch holds the write lock).
-            (last,) = conn.execute("SELECT coalesce(max(pk), 0) FROM messages").fetchone()
-            pks = range(int(last) + 1, int(last) + 1 + len(requests))
-            conn.executemany(
-                "INSERT INTO messages"
-                " (pk, account, message_id, direction, subject, date, private, indexed_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            self._insert_new(
+                conn,
                 [
                     (
-                        pk,
-                        r.info.account,
-                        r.info.message_id,
-                        r.info.direction,
-                        r.info.subject,
-                        r.info.date,
-                        int(r.info.private),
-                        now,
+                        i.account,
+                        i.message_id,
+                        i.direction,
+                        i.subject,
+                        i.date,
+                        int(i.private),
+                        i.uniq,
+                        i.folder,
+                        i.file,
                     )
-                    for pk, r in zip(pks, requests, strict=True)
+                    for i in (r.info for r in requests)
                 ],
-            )
-            conn.executemany(
-                "INSERT INTO message_files (account, uniq, message_pk, folder, file)"
-                " VALUES (?, ?, ?, ?, ?)",
                 [
-                    (r.info.account, r.info.uniq, pk, r.info.folder, r.info.file)
-                    for pk, r in zip(pks, requests, strict=True)
-                ],
-            )
-            conn.executemany(
-                "INSERT INTO links (message_pk, kind, record_id, email, role, via)"
-                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                [
-                    (pk, ln.record.kind, ln.record.id, ln.email, ln.role, ln.via)
-                    for pk, r in zip(pks, requests, strict=True)
+                    (n, ln.record.kind, ln.record.id, ln.email, ln.role, ln.via)
+                    for n, r in enumerate(requests)
                     for ln in r.links
                 ],
-            )
-            conn.executemany(
-                "INSERT INTO unmatched (message_pk, email) VALUES (?, ?) ON CONFLICT DO NOTHING",
-                [(pk, e) for pk, r in zip(pks, requests, strict=True) for e in r.unmatched],
+                [(n, e) for n, r in enumerate(requests) for e in r.unmatched],
             )
             for r in requests:
                 for event in r.events:
                     self._insert_event(conn, event)
         self._new_messages_written(requests)
+
+    def _save_new_rows(self, rows: Sequence[MessageRows]) -> None:
+        """``_save_new`` of rows."""
+        with self._write(len(rows)) as conn:
+            self._insert_new(
+                conn,
+                [
+                    (r.account, r.message_id, r.direction, r.subject, r.date, 0, *r[1:4])
+                    for r in rows
+                ],
+                [(n, *link) for n, r in enumerate(rows) for link in r.links],
+                [(n, e) for n, r in enumerate(rows) for e in r.unmatched],
+            )
+        self._new_links_written(
+            (r.account, r.message_id, [(link[0], link[1]) for link in r.links]) for r in rows
+        )
+
+    @staticmethod
+    def _insert_new(
+        conn: Connection,
+        messages: Sequence[tuple[str, str, str, str, str, int, str, str, str]],
+        links: Sequence[tuple[Any, ...]],
+        unmatched: Sequence[tuple[int, str]],
+    ) -> None:
+        """Insert new messages, each (account, Message-ID, direction, subject, date, private,
+        uniq, folder, file), their links, each (n, kind, record id, email, role, via), and
+        unmatched addresses, each (n, email), where n is the message's position."""
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        # What INTEGER PRIMARY KEY would assign one by one (the batch holds the write lock).
+        (last,) = conn.execute("SELECT coalesce(max(pk), 0) FROM messages").fetchone()
+        first = int(last) + 1
+        conn.executemany(
+            "INSERT INTO messages"
+            " (pk, account, message_id, direction, subject, date, private, indexed_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [(first + n, *m[:6], now) for n, m in enumerate(messages)],
+        )
+        conn.executemany(
+            "INSERT INTO message_files (account, uniq, message_pk, folder, file)"
+            " VALUES (?, ?, ?, ?, ?)",
+            [(m[0], m[6], first + n, m[7], m[8]) for n, m in enumerate(messages)],
+        )
+        if links:
+            conn.executemany(
+                "INSERT INTO links (message_pk, kind, record_id, email, role, via)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                [(first + link[0], *link[1:]) for link in links],
+            )
+        if unmatched:
+            conn.executemany(
+                "INSERT INTO unmatched (message_pk, email) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                [(first + n, e) for n, e in unmatched],
+            )
 
     def schema_version(self) -> int:
         with self._read() as conn:

@@ -30,7 +30,7 @@ from sentlink.maildir.cache import FolderCache
 from sentlink.maildir.moves import sync_dirs
 from sentlink.maildir.names import merge_flags, parse_flags, split_uniq
 from sentlink.model import Direction, Link, MessageInfo
-from sentlink.store import SaveRequest, Store, StoreError
+from sentlink.store import MessageRows, SaveRequest, Store, StoreError
 from sentlink.watch.duplicates import Copy, body_hash, resolve
 from sentlink.watch.known import KnownFile, KnownFiles
 from sentlink.watch.policy import WatchPolicy
@@ -92,8 +92,10 @@ class Staged:
     forget: tuple[KnownFile, ...]  # indexed duplicate copies deleted
 
 
-# What MessageHandler.stage_packed gives: the write, the plan's outcome, the headers kept.
+# What MessageHandler.stage_packed gives: the write, the plan's outcome, the headers kept; or,
+# when rows say it all, the rows and the status.
 QuickStaged = tuple[SaveRequest, LinkResult, HeaderBlock]
+RowsStaged = tuple[MessageRows, str]
 
 
 @dataclass(frozen=True)
@@ -299,13 +301,14 @@ class MessageHandler:
 
     def stage_packed(
         self, account: AccountConfig, folder: str, path: str, packed: Packed
-    ) -> QuickStaged | None:
+    ) -> RowsStaged | QuickStaged | None:
         """:meth:`stage` and :meth:`request` of the usual message of a reconcile, from what a
         worker packed (``prepare.pack``): no rule's decision (no move, no flag, linked), and
         not a copy of a message already in this folder. None for any other message: then
         :meth:`stage` handles it. The same plan and request as there, without the steps that
         do nothing for such a message (a few us per message of a reconcile's main process).
-        Raises like :meth:`request`."""
+        Most such messages are given as the rows to write and their status
+        (``Linker.plan_rows``). Raises like :meth:`request`."""
         if packed[2] is not None:  # a rule or the self-sent rule decided something
             return None
         direction = direction_of(account, folder)
@@ -315,10 +318,24 @@ class MessageHandler:
             for known in self._known.message_files(account.name, message_id):
                 if known.folder == folder and known.uniq != uniq:
                     return None  # copies to reduce (_deduplicate)
+        file = relative(path, account.maildir)
+        if not (packed[7] or packed[9]):  # neither private nor ambiguous
+            participants = packed[8]
+            candidates = [(participants[i][0], participants[i][1]) for i in packed[11]]
+            planned = self._linker.plan_rows(
+                account.name,
+                folder,
+                uniq,
+                file,
+                direction,
+                (packed[3], packed[4], packed[5], packed[6], packed[10], candidates),
+            )
+            if planned is not None:
+                return planned
         draft = packed_draft(packed)
         headers = kept_headers(packed)
         info, links, result = self._linker.plan(
-            account, folder, uniq, relative(path, account.maildir), headers, direction, draft
+            account, folder, uniq, file, headers, direction, draft
         )
         return self._linker.request(info, links, result, headers, path), result, headers
 
@@ -340,6 +357,31 @@ class MessageHandler:
                 info.file,
             )
         return result.status
+
+    def complete_rows(self, staged: RowsStaged, saved: bool, path: str) -> str:
+        """:meth:`complete_packed` for a message staged as rows."""
+        rows, status = staged
+        if not saved:
+            if status == "linked":
+                # Rows are staged only when no hook wants an event: no header is read for one.
+                request = rows.request()
+                self._linker.add_missing_links(
+                    request.info, request.links, HeaderBlock((), False), path
+                )
+            return "already"
+        if status == "linked":
+            log.info(
+                "account=%s message_id=%s linked records=%d file=%s",
+                rows.account,
+                rows.message_id,
+                len(rows.links),
+                rows.file,
+            )
+        return status
+
+    def save_rows(self, rows: Sequence[MessageRows]) -> list[bool | StoreError]:
+        """Write messages staged as rows together (``Store.save_rows``)."""
+        return self._store.save_rows(rows)
 
     def request(self, staged: Staged) -> SaveRequest:
         """What to write for a staged message. Raises OSError like ``Linker.save``."""

@@ -26,11 +26,12 @@ from sentlink.maildir import folder_path, list_messages, split_uniq
 from sentlink.maildir.folders import list_message_names
 from sentlink.maildir.names import folder_dir_name
 from sentlink.model import Direction
-from sentlink.store import SaveRequest, Store
+from sentlink.store import MessageRows, SaveRequest, Store
 from sentlink.watch.handler import (
     MessageHandler,
     Outcome,
     QuickStaged,
+    RowsStaged,
     Staged,
     WatchPolicy,
     relative,
@@ -354,15 +355,38 @@ def _handle_in_groups(
     file that creates a lead is written at once (the next ones must find the lead). So each
     file is handled as it would be one at a time.
     """
-    group: list[tuple[str, SaveRequest, Staged | QuickStaged]] = []
+    group: list[tuple[str, SaveRequest | MessageRows, Staged | QuickStaged | RowsStaged]] = []
     ids: set[str] = set()
 
+    def save(requested: list[SaveRequest | MessageRows]) -> Sequence[bool | Exception]:
+        """The answers for the group's writes, in order: runs of rows and of requests, each
+        run written together (the order of the writes is the order of the files). A request
+        that rows can say is written as rows: the group is then usually one run."""
+        items = [
+            item if isinstance(item, MessageRows) else MessageRows.of(item) or item
+            for item in requested
+        ]
+        answers: list[bool | Exception] = []
+        start = 0
+        while start < len(items):
+            rows = isinstance(items[start], MessageRows)
+            end = start + 1
+            while end < len(items) and isinstance(items[end], MessageRows) == rows:
+                end += 1
+            run = items[start:end]
+            try:
+                if rows:
+                    answers += handler.save_rows([i for i in run if isinstance(i, MessageRows)])
+                else:
+                    answers += handler.save_many([i for i in run if isinstance(i, SaveRequest)])
+            except Exception as exc:  # each one's StoreError is reported: this is a bug
+                answers += [exc] * len(run)
+            start = end
+        return answers
+
     def write() -> None:
-        try:
-            answers: Sequence[bool | Exception] = handler.save_many([r for _p, r, _s in group])
-        except Exception as exc:  # save_many reports each one's StoreError: this is a bug
-            answers = [exc] * len(group)
-        for (path, _request, staged), answer in zip(group, answers, strict=True):
+        answers = save([item for _p, item, _s in group])
+        for (path, _item, staged), answer in zip(group, answers, strict=True):
             if isinstance(answer, Exception):
                 log.warning(
                     "account=%s file=%s not handled: %s",
@@ -373,6 +397,8 @@ def _handle_in_groups(
                 summary.add_outcome(Outcome("error", ref.folder))
             elif isinstance(staged, Staged):
                 summary.add_outcome(handler.complete(staged, answer))
+            elif isinstance(staged[0], MessageRows):
+                summary.add(handler.complete_rows(staged, answer, path))
             else:
                 summary.add(handler.complete_packed(staged, answer, path))
         group.clear()
@@ -380,7 +406,7 @@ def _handle_in_groups(
 
     def stage(
         path: str, packed: Packed | None
-    ) -> Outcome | tuple[SaveRequest, Staged | QuickStaged]:
+    ) -> Outcome | tuple[SaveRequest | MessageRows, Staged | QuickStaged | RowsStaged]:
         if packed is not None:
             quick = handler.stage_packed(ref.account, ref.folder, path, packed)
             if quick is not None:
@@ -397,11 +423,15 @@ def _handle_in_groups(
         if isinstance(done, Outcome):
             summary.add_outcome(done)
         else:
-            request, staged = done
-            group.append((path, request, staged))
-            if request.info.message_id:
-                ids.add(request.info.message_id)
-            if request.new_records or len(group) >= _WRITE_GROUP:
+            item, staged = done
+            group.append((path, item, staged))
+            if isinstance(item, MessageRows):
+                message_id, new_records = item.message_id, False
+            else:
+                message_id, new_records = item.info.message_id, bool(item.new_records)
+            if message_id:
+                ids.add(message_id)
+            if new_records or len(group) >= _WRITE_GROUP:
                 write()
         if progress is not None:
             progress(1)
