@@ -67,7 +67,7 @@ class Reconcile:
         self._handler = MessageHandler(
             store, self._linker, WatchPolicy.from_config(config, secret), self._known
         )
-        self._workers = Workers()
+        self._workers = Workers(self._handler.preparer)
 
     def __enter__(self) -> Reconcile:
         return self

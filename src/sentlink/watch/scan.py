@@ -285,7 +285,7 @@ def scan_folders(
                 refs, store, linker, progress, made, pending, parallel_from, workers
             )
     if workers is None:
-        with Workers() as made_workers:
+        with Workers(handler.preparer) as made_workers:
             return scan_folders(
                 refs, store, linker, progress, handler, pending, parallel_from, made_workers
             )
@@ -443,10 +443,12 @@ class Workers:
     """The processes helping a reconcile of large folders: one that prepares files (started on
     first use, or early by :meth:`start`; none on one CPU) and the read-ahead one."""
 
-    def __init__(self) -> None:
+    def __init__(self, preparer: Preparer | None = None) -> None:
         self._pool: ProcessPoolExecutor | None = None
         self._readahead = ReadAhead()
         self.failed = False
+        # Given to the worker process once, when it starts: jobs using it need not carry it.
+        self._preparer = preparer
 
     def __enter__(self) -> Workers:
         return self
@@ -483,7 +485,7 @@ class Workers:
                     1,
                     multiprocessing.get_context("spawn"),
                     initializer=init_worker,
-                    initargs=(os.getpid(), GC_GEN0),
+                    initargs=(os.getpid(), GC_GEN0, self._preparer),
                 )
                 # A pool starts its process with the first job: this one does nothing.
                 self._pool.submit(os.getpid)
@@ -507,7 +509,8 @@ class Workers:
             return None
         try:
             # Strings: Path objects cost both processes more to send than the rest of the job.
-            return pool.submit(prepare_chunk, preparer, ref.account, ref.folder, list(paths))
+            sent = None if preparer is self._preparer else preparer
+            return pool.submit(prepare_chunk, sent, ref.account, ref.folder, list(paths))
         except Exception as exc:  # the worker is gone: work without it
             log.warning("preparing files in a worker process failed: %s", exc)
             self.failed = True
