@@ -73,6 +73,9 @@ _FALSE_WORDS = frozenset({"", "0", "no", "false", "off"})
 # References can list a whole long thread; the newest ids are the ones that matter.
 _MAX_REFERENCES = 50
 _FORMS_CACHE_SIZE = 50_000
+# What LinkFilter._kind says of a participant's address (0: a candidate for linking).
+_INTERNAL = 1
+_NEVER_LOG = 2
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,8 @@ class LinkFilter:
     def __init__(self, config: Config) -> None:
         # Each participant's forms are needed three to five times per message.
         self._forms_cache: dict[str, tuple[str, ...]] = {}
+        # Per account, whether each address seen is internal, never to be logged or neither.
+        self._kinds: dict[str, dict[str, int]] = {}
         crm = config.crm
         self._strip_plus = crm.strip_plus_tags
         self._private_header = crm.private.header
@@ -134,7 +139,7 @@ class LinkFilter:
 
     def __getstate__(self) -> dict[str, object]:
         # Sent to a worker process (watch/prepare.py): the cache starts empty there.
-        return {**self.__dict__, "_forms_cache": {}}
+        return {**self.__dict__, "_forms_cache": {}, "_kinds": {}}
 
     def header_names(self) -> tuple[str, ...]:
         """The header fields :meth:`draft` reads."""
@@ -160,19 +165,35 @@ class LinkFilter:
             participants = tuple(self._participants(headers, direction))
         except AmbiguousAddressError as exc:
             return Draft(message_id, subject, date, refs, private, ambiguous=str(exc))
-        own = self.own(account)
-        external = [p for p in participants if not self.is_internal(p.email, own)]
-        candidates = tuple([p for p in external if not self.is_never_log(p.email)])
+        kinds = [self._kind(account, p.email) for p in participants]
+        candidates = tuple([p for p, kind in zip(participants, kinds, strict=True) if not kind])
         skip = (
             "no-participants"
             if not participants
             else "internal-only"
-            if not external
+            if all(kind == _INTERNAL for kind in kinds)
             else "never-log"
             if not candidates
             else ""
         )
         return Draft(message_id, subject, date, refs, private, participants, "", skip, candidates)
+
+    def _kind(self, account: str, email: str) -> int:
+        """_INTERNAL, _NEVER_LOG or 0 (a candidate) for a participant's address, remembered:
+        the same correspondents recur from message to message."""
+        kinds = self._kinds.get(account)
+        if kinds is None:
+            kinds = self._kinds[account] = {}
+        kind = kinds.get(email)
+        if kind is None:
+            if len(kinds) >= _FORMS_CACHE_SIZE:
+                kinds.clear()
+            if self.is_internal(email, self.own(account)):
+                kind = _INTERNAL
+            else:
+                kind = _NEVER_LOG if self.is_never_log(email) else 0
+            kinds[email] = kind
+        return kind
 
     def _participants(self, headers: HeaderBlock, direction: Direction) -> list[Participant]:
         participants: list[Participant] = []
