@@ -29,6 +29,7 @@ from sentlink.maildir import find_message, folder_path, move_message, resolve_ow
 from sentlink.maildir.cache import FolderCache
 from sentlink.maildir.moves import sync_dirs
 from sentlink.maildir.names import merge_flags, parse_flags, split_uniq
+from sentlink.maildir.safety import Owner
 from sentlink.model import Direction, Link, MessageInfo
 from sentlink.store import MessageRows, SaveRequest, Store, StoreError
 from sentlink.watch.duplicates import Copy, body_hash, resolve
@@ -154,6 +155,9 @@ class MessageHandler:
         # the checked target folders of moves, kept open until the batch ends.
         self._unsynced: set[Path] | None = None
         self._folders: FolderCache | None = None
+        # Inside batch(): each account's mailbox owner, looked up once (a user name costs a
+        # passwd lookup).
+        self._owners: dict[str | None, Owner] = {}
 
     @property
     def known(self) -> KnownFiles:
@@ -182,9 +186,19 @@ class MessageHandler:
                     self._sync_moves()  # also when the commit failed: the renames are done
                 finally:
                     self._unsynced = None
+                    self._owners = {}
                     if self._folders is not None:
                         self._folders.close()
                         self._folders = None
+
+    def _owner(self, spec: str | None) -> Owner:
+        """``resolve_owner(spec)``; inside batch(), once per spec."""
+        if self._unsynced is None:
+            return resolve_owner(spec)
+        owner = self._owners.get(spec)
+        if owner is None:
+            owner = self._owners[spec] = resolve_owner(spec)
+        return owner
 
     def _sync_moves(self) -> None:
         if self._unsynced:
@@ -240,7 +254,7 @@ class MessageHandler:
         facts = self._preparer.facts(headers)
         moved = False
         if decision.move is not None:
-            owner = resolve_owner(account.owner)
+            owner = self._owner(account.owner)
             path = move_message(
                 path,
                 account.maildir,

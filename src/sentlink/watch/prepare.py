@@ -220,13 +220,16 @@ def kept_headers(packed: Packed) -> HeaderBlock:
     return HeaderBlock(packed[0], packed[1])
 
 
-def packed_lookups(packed: Packed) -> tuple[list[str], tuple[str, ...]]:
-    """What ``Linker.prime`` looks up for a packed Prepared's draft: its candidates' addresses,
-    and the Message-IDs it replies to when its plan looks up thread links."""
+def packed_candidates(packed: Packed) -> list[str]:
+    """The addresses ``Linker.prime`` looks up for a packed Prepared's draft: its candidates'."""
     participants = packed[8]
-    emails = [participants[i][0] for i in packed[11]]
-    looks_up_threads = not (packed[7] or packed[9] or packed[10])  # private, ambiguous, skip
-    return emails, packed[6] if looks_up_threads else ()
+    return [participants[i][0] for i in packed[11]]
+
+
+def packed_thread_refs(packed: Packed) -> tuple[str, ...]:
+    """The Message-IDs ``Linker.prime`` looks up for a packed Prepared's draft: those it
+    replies to, when its plan looks up thread links (not private, ambiguous or skipped)."""
+    return () if packed[7] or packed[9] or packed[10] else packed[6]
 
 
 class _WorkerState:

@@ -42,7 +42,8 @@ from sentlink.watch.prepare import (
     Prepared,
     Preparer,
     init_worker,
-    packed_lookups,
+    packed_candidates,
+    packed_thread_refs,
     prepare_chunk,
     unpack,
 )
@@ -560,11 +561,11 @@ def _pipeline(
             jobs.append(workers.submit(preparer, ref, chunks[submitted]))
             submitted += 1
         results = workers.results(jobs.popleft(), len(chunk))
-        lookups = [packed_lookups(p) for p in results if p is not None]
+        # Generators: the store reads them only for what it has not loaded whole already.
         prime(
             ref.account.name,
-            (e for emails, _refs in lookups for e in emails),
-            (r for _emails, refs in lookups for r in refs),
+            (e for p in results if p is not None for e in packed_candidates(p)),
+            (r for p in results if p is not None for r in packed_thread_refs(p)),
         )
         yield from zip(chunk, results, strict=True)
 
