@@ -578,24 +578,12 @@ class Linker:
         rule = "contact-first" if self._contact_first else "all"
         return f"address match on {forms} (multiple_match: {rule})", records
 
-    def prime(self, account: str, drafts: Sequence[Draft]) -> None:
-        """Look up the records of these drafts' candidates, and the records linked to the
-        messages they reply to, together (inside a store batch), rather than one at a time as
-        each message of the account is planned."""
-        self.prime_lookups(
-            account,
-            (p.email for d in drafts for p in d.candidates),
-            # The drafts whose plan looks up thread links (see plan).
-            (
-                r
-                for d in drafts
-                if d.refs and not (d.private or d.ambiguous or d.skip)
-                for r in d.refs
-            ),
-        )
-
-    def prime_lookups(self, account: str, emails: Iterable[str], refs: Iterable[str]) -> None:
-        """:meth:`prime` for the candidates' addresses and the Message-IDs replied to."""
+    def prime(self, account: str, emails: Iterable[str], refs: Iterable[str]) -> None:
+        """Look up the records of these candidate addresses, and the records linked to the
+        messages of these Message-IDs (those replied to by messages whose plan looks up thread
+        links), together (inside a store batch), rather than one at a time as each message of
+        the account is planned. The store reads the iterables only for what it has not loaded
+        whole already."""
         forms = self._filter.forms
         self._store.prime_records(form for email in emails for form in forms(email))
         self._store.prime_thread_links(account, refs)

@@ -120,10 +120,10 @@ class MessageRows(NamedTuple):
         """The same write as a SaveRequest. Its links name each record by kind and id only
         (what the store writes of it)."""
         info = self.message_info()
+        account, message_id, direction = self.account, self.message_id, self.direction
         links = [
-            Link(self.account, self.message_id, Record(kind, rid, "", ()), email, role, via, d)
+            Link(account, message_id, Record(kind, rid, "", ()), email, role, via, direction)
             for kind, rid, email, role, via in self.links
-            for d in (self.direction,)
         ]
         return SaveRequest(info, links, (), self.unmatched)
 

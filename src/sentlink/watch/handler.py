@@ -363,13 +363,7 @@ class MessageHandler:
                 self._linker.add_missing_links(info, request.links, headers, path)
             return "already"
         if result.status == "linked":
-            log.info(
-                "account=%s message_id=%s linked records=%d file=%s",
-                info.account,
-                info.message_id,
-                len(request.links),
-                info.file,
-            )
+            _log_linked(info.account, info.message_id, len(request.links), info.file)
         return result.status
 
     def complete_rows(self, staged: RowsStaged, saved: bool, path: str) -> str:
@@ -384,13 +378,7 @@ class MessageHandler:
                 )
             return "already"
         if status == "linked":
-            log.info(
-                "account=%s message_id=%s linked records=%d file=%s",
-                rows.account,
-                rows.message_id,
-                len(rows.links),
-                rows.file,
-            )
+            _log_linked(rows.account, rows.message_id, len(rows.links), rows.file)
         return status
 
     def save_rows(self, rows: Sequence[MessageRows]) -> list[bool | StoreError]:
@@ -415,13 +403,7 @@ class MessageHandler:
             # Another copy was indexed first; this one may name more records (its Bcc).
             self._linker.add_missing_links(info, staged.links, staged.headers, staged.path)
         if saved and result.status == "linked":
-            log.info(
-                "account=%s message_id=%s linked records=%d file=%s",
-                info.account,
-                info.message_id,
-                len(staged.links),
-                info.file,
-            )
+            _log_linked(info.account, info.message_id, len(staged.links), info.file)
         self._flush_forget_later(info.account, info.folder, [], list(staged.forget))
         return Outcome(
             status, info.folder, staged.moved, removed=len(staged.forget), trashed=staged.trashed
@@ -532,6 +514,12 @@ class MessageHandler:
                 continue
             present = set(indexed) - gone
             self._store.forget_missing(account, present, folder)
+
+
+def _log_linked(account: str, message_id: str, records: int, file: str) -> None:
+    log.info(
+        "account=%s message_id=%s linked records=%d file=%s", account, message_id, records, file
+    )
 
 
 def _same_body(path: Path, digest: str) -> bool:

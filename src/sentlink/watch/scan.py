@@ -305,7 +305,7 @@ def scan_folders(
                     handler.preparer,
                     ref,
                     paths,
-                    linker.prime_lookups,
+                    linker.prime,
                 )
                 if parallel:
                     _handle_in_groups(handler, ref, steps, summary, progress)
