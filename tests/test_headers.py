@@ -216,7 +216,7 @@ def test_fields_and_index_are_those_of_the_finditer_parser() -> None:
             index: dict[str, list[str]] = {}
             for name, value in expected:
                 index.setdefault(name.lower(), []).append(value)
-            assert block._by_name == index, raw
+            assert block.by_name == index, raw
 
 
 def test_a_long_line_that_is_no_field_is_read_in_linear_time() -> None:
@@ -271,7 +271,7 @@ def test_a_selection_of_random_blocks_is_the_whole_reading_filtered() -> None:
         index: dict[str, list[str]] = {}
         for name, value in block.fields:
             index.setdefault(name.lower(), []).append(value)
-        assert block._by_name == index, raw
+        assert block.by_name == index, raw
         assert block.get("To") == (whole.get("To") if "to" in only.names else ""), raw
 
 

@@ -79,7 +79,7 @@ def test_references_are_those_of_the_former_reader() -> None:
                 count = rng.choice([0, 1, 3, 60])
                 lines.append(f"{name}: " + " ".join(rng.choice(ids) for _ in range(count)))
         headers = parse_header_bytes("\n".join(lines).encode())
-        assert _references(headers) == former_references(headers._by_name), lines
+        assert _references(headers) == former_references(headers.by_name), lines
 
 
 def former_decode_words(value: str) -> str:

@@ -15,14 +15,13 @@ from typing import Any
 import pytest
 
 from sentlink.config.models import Config
-from sentlink.headers import parse_header_bytes
-from sentlink.linker import Draft
-from sentlink.model import Participant, Record
+from sentlink.linker import LinkFilter
+from sentlink.model import Record
 from sentlink.store import MessageRows, open_store
 from sentlink.watch.handler import MessageHandler
 from sentlink.watch.oneshot import Reconcile
-from sentlink.watch.prepare import Prepared, pack, unpack
-from sentlink.watch.rules import Decision
+from sentlink.watch.policy import WatchPolicy
+from sentlink.watch.prepare import Preparer, unpack
 from test_watch_inbox import ALICE, SECRET, drop, mail, make_config, traced
 
 SERIAL = 10**9  # parallel_from: never
@@ -229,19 +228,64 @@ def outcome(base: Path) -> tuple[object, ...]:
     return rows["layout"], rows["records"], linked, indexed
 
 
-def test_what_the_worker_sends_back_unpacks_to_the_slim_preparation() -> None:
-    headers = parse_header_bytes(
-        b"Received: by mx\nFrom: Bob <bob@customer.test>\nMessage-ID: <m1@x>\n"
-        b"To: alice@example.test, carol@other.test\nX-Sentlink-Trace: t\nSubject: s"
+def test_what_the_worker_sends_back_unpacks_to_the_slim_preparation(tmp_path: Path) -> None:
+    """``prepare_packed`` (tuples, built without the objects) stands for exactly what
+    ``prepare`` gives, slimmed, whatever the rules, the self-sent rule and the draft said."""
+    config = make_config(
+        tmp_path,
+        """crm: {private: {subject_tag: "[private]"}}
+watch:
+  rules:
+    - {name: lists, if: {header: {List-Id: ".+"}}, then: {link: false, flag: [F]}}
+""",
     )
-    bob = Participant("bob@customer.test", "from", "Bob")
-    carol = Participant("carol@other.test", "cc")
-    draft = Draft("m1@x", "s", "", ("r1@x",), False, (bob, carol), "", "", (carol,))
-    for decision in (Decision(), Decision(False, "Sent", "S", ("rule a",))):
-        prepared = Prepared(headers, decision, draft)
-        got = unpack(pickle.loads(pickle.dumps(pack(prepared))))
-        assert got == prepared.slim()
-        assert got.headers.get("message-id") == "<m1@x>" and got.headers.get("to") == ""
+    preparer = Preparer(WatchPolicy.from_config(config, SECRET), LinkFilter(config))
+    alice = config.accounts[0]
+    box = tmp_path / "alice"
+    files = {
+        "INBOX": [
+            mail(
+                "m1@x",
+                frm="Bob <bob@customer.test>",
+                cc="carol@other.test, alice@example.test",
+                extra="In-Reply-To: <r1@x>\nReferences: <r0@x> <r1@x>\nDate: Tue, 4 Jun 2024 "
+                "10:00:00 +0200\nReceived: by mx\n",
+            ),
+            mail("m2@x", frm=ALICE, to="dave@customer.test"),  # self-sent: moves to Sent
+            traced("m3@x", frm=ALICE, to=ALICE),  # self-sent by its trace header
+            mail("m4@x", extra="List-Id: <news.example.test>\n"),  # a rule decides
+            mail("m5@x", subject="[private] salary"),
+            mail("m6@x", frm='"unclosed <bob@customer.test'),  # ambiguous
+            mail("m7@x", frm="colleague@example.test"),  # internal only
+            b"Subject: no address at all\n\nbody\n",
+        ],
+        "Sent": [mail("m8@x", frm=ALICE, to="Erin <erin@customer.test>", cc="bob@customer.test")],
+    }
+    seen = set()
+    for folder, messages in files.items():
+        for data in messages:
+            path = drop(box, folder, data)
+            packed = preparer.prepare_packed(alice, folder, str(path))
+            got = unpack(pickle.loads(pickle.dumps(packed)))
+            assert got == preparer.prepare(alice, folder, path).slim(), data
+            assert got.headers.get("to") == "" and got.headers.get("subject") == ""
+            seen.add(
+                (
+                    got.decision.move,
+                    got.decision.link,
+                    got.draft.private,
+                    bool(got.draft.ambiguous),
+                    got.draft.skip,
+                    len(got.draft.candidates),
+                )
+            )
+    # The files above take each way through the rules and the draft.
+    assert ("Sent", True, False, False, "", 1) in seen  # self-sent, moved
+    assert (None, False, False, False, "", 1) in seen  # a rule's decision
+    assert any(private for _m, _l, private, *_ in seen)
+    assert any(ambiguous for *_, ambiguous, _s, _c in seen)
+    assert {"internal-only", "no-participants"} <= {skip for *_, skip, _c in seen}
+    assert (None, True, False, False, "", 2) in seen  # From and Cc, or To and Cc in Sent
 
 
 @pytest.mark.parametrize("parallel_from", [SERIAL, PARALLEL])

@@ -73,9 +73,10 @@ class HeaderBlock:
     truncated: bool = False  # the cap was reached before the end of the header section
 
     @cached_property
-    def _by_name(self) -> dict[str, list[str]]:
+    def by_name(self) -> dict[str, list[str]]:
         """Values by lowercased field name, built on the first lookup (a dozen per message);
-        ``parse_header_bytes`` builds it as it splits the fields."""
+        ``parse_header_bytes`` builds it as it splits the fields. Read-only: callers that look
+        up many fields of a message use it directly rather than through ``values``."""
         index: dict[str, list[str]] = {}
         for field, value in self.fields:
             index.setdefault(field.lower(), []).append(value)
@@ -87,15 +88,15 @@ class HeaderBlock:
         return {"fields": self.fields, "truncated": self.truncated}
 
     def get_all(self, name: str) -> list[str]:
-        return list(self._by_name.get(name.lower(), ()))
+        return list(self.by_name.get(name.lower(), ()))
 
     def values(self, name: str) -> Sequence[str]:
         """``get_all`` without the copy, for callers that only read the values."""
-        return self._by_name.get(name.lower(), ())
+        return self.by_name.get(name.lower(), ())
 
     def get(self, name: str, default: str = "") -> str:
         """The first field of that name (case-insensitive), or ``default``."""
-        values = self._by_name.get(name.lower())
+        values = self.by_name.get(name.lower())
         return values[0] if values else default
 
 
@@ -201,7 +202,7 @@ def _block(pairs: list[tuple[str, str]], truncated: bool) -> HeaderBlock:
     block = HeaderBlock(fields=tuple(fields), truncated=truncated)
     # The lookup index, built in the same pass: cached_property then finds it in the instance
     # dictionary and never runs (nor takes the lock it holds on a first access in 3.11).
-    block.__dict__["_by_name"] = index
+    block.__dict__["by_name"] = index
     return block
 
 

@@ -62,9 +62,10 @@ log = logging.getLogger("sentlink.linker")
 
 LinkStatus = Literal["linked", "already", "skipped", "ambiguous", "error"]
 
-_ROLE_FIELDS: dict[Direction, tuple[tuple[Role, str], ...]] = {
-    "sent": (("to", "To"), ("cc", "Cc"), ("bcc", "Bcc")),
-    "received": (("from", "From"), ("cc", "Cc")),
+# (role, header field, its lowercased name) of the participants, by direction.
+_ROLE_FIELDS: dict[Direction, tuple[tuple[Role, str, str], ...]] = {
+    "sent": (("to", "To", "to"), ("cc", "Cc", "cc"), ("bcc", "Bcc", "bcc")),
+    "received": (("from", "From", "from"), ("cc", "Cc", "cc")),
 }
 _THREAD_ROLE: dict[Direction, Role] = {"sent": "to", "received": "from"}
 _MSG_ID = re.compile(r"<([^<>]+)>")
@@ -110,6 +111,34 @@ class Draft:
     candidates: tuple[Participant, ...] = ()  # participants that may be linked
 
 
+# A Draft as a tuple: message_id, subject, date, refs, private, the participants, each as
+# (address, role, display name), ambiguous, skip, and the candidates as positions among the
+# participants.
+DraftFields = tuple[
+    str,
+    str,
+    str,
+    tuple[str, ...],
+    bool,
+    tuple[tuple[str, Role, str], ...],
+    str,
+    str,
+    tuple[int, ...],
+]
+
+
+def draft_of(fields: DraftFields) -> Draft:
+    """The Draft that ``LinkFilter.draft_fields`` gave as a tuple."""
+    participants = tuple([Participant(email, role, name) for email, role, name in fields[5]])
+    return Draft(
+        *fields[:5],
+        participants,
+        fields[6],
+        fields[7],
+        tuple([participants[n] for n in fields[8]]),
+    )
+
+
 class LinkFilter:
     """The configured linking rules that need no store: participants, exclusions, privacy."""
 
@@ -143,7 +172,7 @@ class LinkFilter:
 
     def header_names(self) -> tuple[str, ...]:
         """The header fields :meth:`draft` reads."""
-        names = {f for fields in _ROLE_FIELDS.values() for _role, f in fields}
+        names = {f for fields in _ROLE_FIELDS.values() for _role, f, _key in fields}
         names.update(("Message-ID", "Subject", "Date", "In-Reply-To", "References"))
         if self._private_header:
             names.add(self._private_header)
@@ -155,18 +184,28 @@ class LinkFilter:
 
     def draft(self, account: str, headers: HeaderBlock, direction: Direction) -> Draft:
         """The store-free part of :meth:`Linker.plan` (no side effects, no logging)."""
-        message_id = _message_id(headers.get("Message-ID"))
-        subject = _decode_words(headers.get("Subject"))
+        return draft_of(self.draft_fields(account, headers, direction))
+
+    def draft_fields(self, account: str, headers: HeaderBlock, direction: Direction) -> DraftFields:
+        """:meth:`draft` as a tuple (see ``DraftFields``): what a reconcile's worker process
+        sends back, with no object per participant to build, send and take apart."""
+        by_name = headers.by_name
+        values = by_name.get("message-id")
+        message_id = _message_id(values[0]) if values else ""
+        values = by_name.get("subject")
+        subject = _decode_words(values[0]) if values else ""
         private = self._is_private(headers, subject)
-        date, refs = _iso_date(headers.get("Date")), _references(headers)
+        values = by_name.get("date")
+        date = _iso_date(values[0]) if values else ""
+        refs = _references(headers)
         if private:
-            return Draft(message_id, subject, date, refs, private)
+            return (message_id, subject, date, refs, private, (), "", "", ())
         try:
-            participants = tuple(self._participants(headers, direction))
+            participants = self._participants(by_name, direction)
         except AmbiguousAddressError as exc:
-            return Draft(message_id, subject, date, refs, private, ambiguous=str(exc))
-        kinds = [self._kind(account, p.email) for p in participants]
-        candidates = tuple([p for p, kind in zip(participants, kinds, strict=True) if not kind])
+            return (message_id, subject, date, refs, private, (), str(exc), "", ())
+        kinds = [self._kind(account, p[0]) for p in participants]
+        candidates = tuple([n for n, kind in enumerate(kinds) if not kind])
         skip = (
             "no-participants"
             if not participants
@@ -176,7 +215,7 @@ class LinkFilter:
             if not candidates
             else ""
         )
-        return Draft(message_id, subject, date, refs, private, participants, "", skip, candidates)
+        return (message_id, subject, date, refs, private, participants, "", skip, candidates)
 
     def _kind(self, account: str, email: str) -> int:
         """_INTERNAL, _NEVER_LOG or 0 (a candidate) for a participant's address, remembered:
@@ -195,11 +234,14 @@ class LinkFilter:
             kinds[email] = kind
         return kind
 
-    def _participants(self, headers: HeaderBlock, direction: Direction) -> list[Participant]:
-        participants: list[Participant] = []
+    def _participants(
+        self, by_name: dict[str, list[str]], direction: Direction
+    ) -> tuple[tuple[str, Role, str], ...]:
+        """(address, role, display name) of each participant, the first role of each address."""
+        participants: list[tuple[str, Role, str]] = []
         seen: set[str] = set()
-        for role, field in _ROLE_FIELDS[direction]:
-            for value in headers.values(field):
+        for role, field, key in _ROLE_FIELDS[direction]:
+            for value in by_name.get(key, ()):
                 try:
                     mailboxes = parse_mailboxes(value)
                     emails = [(name, self.normalized(addr)) for name, addr in mailboxes]
@@ -208,8 +250,8 @@ class LinkFilter:
                 for name, email in emails:
                     if email not in seen:
                         seen.add(email)
-                        participants.append(Participant(email, role, name))
-        return participants
+                        participants.append((email, role, name))
+        return tuple(participants)
 
     def _is_private(self, headers: HeaderBlock, subject: str) -> bool:
         if self._private_header:

@@ -18,9 +18,9 @@ from dataclasses import dataclass, replace
 
 from sentlink.config.models import AccountConfig
 from sentlink.headers import FieldSelection, HeaderBlock, StrPath, read_headers
-from sentlink.linker import Draft, LinkFilter
+from sentlink.linker import Draft, DraftFields, LinkFilter, draft_of
 from sentlink.maildir.names import merge_flags
-from sentlink.model import Direction, Participant, Role
+from sentlink.model import Direction, Role
 from sentlink.trace import TRACE_HEADER
 from sentlink.watch.dkim_proof import DkimPending, DkimVerifier
 from sentlink.watch.policy import WatchPolicy
@@ -91,10 +91,30 @@ class Preparer:
         """Read and judge ``path`` in ``folder``. Raises OSError (FileNotFoundError when it
         vanished) like reading it does."""
         headers = self.read(path)
+        decision, fields = self._judge(account, folder, headers, path)
+        return Prepared(headers, decision, draft_of(fields))
+
+    def prepare_packed(self, account: AccountConfig, folder: str, path: StrPath) -> Packed:
+        """``prepare(...).slim()`` as a worker sends it back (``unpack`` gives that); raises
+        like ``prepare``. Built as tuples from the start: no object per participant, nor a
+        draft or preparation, to build and take apart again."""
+        headers = self.read(path)
+        decision, fields = self._judge(account, folder, headers, path)
+        return (
+            tuple([f for f in headers.fields if f[0].lower() in _KEPT_FIELDS]),
+            headers.truncated,
+            None if decision is NO_RULE or decision == NO_RULE else decision,
+            *fields,
+        )
+
+    def _judge(
+        self, account: AccountConfig, folder: str, headers: HeaderBlock, path: StrPath
+    ) -> tuple[Decision, DraftFields]:
+        """The decision, and the draft for the folder the message ends up in."""
         decision, _facts = self.decide(account, folder, headers, path)
         target = decision.move or folder
-        draft = self._filter.draft(account.name, headers, direction_of(account, target))
-        return Prepared(headers, decision, draft)
+        draft = self._filter.draft_fields(account.name, headers, direction_of(account, target))
+        return decision, draft
 
     def facts(self, headers: HeaderBlock) -> MessageFacts:
         return MessageFacts(headers, self._policy.secret, self._filter.normalized)
@@ -158,10 +178,10 @@ class Preparer:
         return own
 
 
-# A slim Prepared as the worker sends it back: header fields, truncated, the decision (None for
-# the default one), then the draft's fields with each participant as (email, role, name) and
-# the candidates as positions among them. Tuples and strings pickle and unpickle several times
-# faster than the dataclasses they stand for (each an object with a state dictionary).
+# A slim Prepared as the worker sends it back (``Preparer.prepare_packed``): header fields,
+# truncated, the decision (None for the default one), then the draft's fields (``DraftFields``).
+# Tuples and strings pickle and unpickle several times faster than the dataclasses they stand
+# for (each an object with a state dictionary).
 Packed = tuple[
     tuple[tuple[str, str], ...],
     bool,
@@ -178,41 +198,14 @@ Packed = tuple[
 ]
 
 
-def pack(prepared: Prepared) -> Packed:
-    """``prepared.slim()``, as sent back to the main process (see ``unpack``)."""
-    headers, decision, d = prepared.headers, prepared.decision, prepared.draft
-    participants = d.participants
-    return (
-        tuple([f for f in headers.fields if f[0].lower() in _KEPT_FIELDS]),
-        headers.truncated,
-        None if decision is NO_RULE or decision == NO_RULE else decision,
-        d.message_id,
-        d.subject,
-        d.date,
-        d.refs,
-        d.private,
-        tuple([(p.email, p.role, p.display_name) for p in participants]),
-        d.ambiguous,
-        d.skip,
-        tuple([participants.index(c) for c in d.candidates]),
-    )
-
-
 def unpack(packed: Packed) -> Prepared:
-    """The slim Prepared that ``pack`` was given."""
+    """The slim Prepared that ``Preparer.prepare_packed`` stands for."""
     return Prepared(kept_headers(packed), packed[2] or NO_RULE, packed_draft(packed))
 
 
 def packed_draft(packed: Packed) -> Draft:
     """The draft of a packed Prepared."""
-    participants = tuple([Participant(email, role, name) for email, role, name in packed[8]])
-    return Draft(
-        *packed[3:8],
-        participants,
-        packed[9],
-        packed[10],
-        tuple([participants[i] for i in packed[11]]),
-    )
+    return draft_of(packed[3:])
 
 
 def kept_headers(packed: Packed) -> HeaderBlock:
@@ -243,7 +236,7 @@ class _WorkerState:
 def prepare_chunk(
     preparer: Preparer | None, account: AccountConfig, folder: str, paths: Sequence[str]
 ) -> list[Packed | None]:
-    """``Preparer.prepare`` for each path, in a worker process, packed (``unpack`` gives the
+    """``Preparer.prepare_packed`` for each path, in a worker process (``unpack`` gives the
     slim Prepared back); ``preparer`` None: the one the worker was started with. A file that
     fails gives None: the main process then handles it from the start itself, and reports
     what goes wrong."""
@@ -254,7 +247,7 @@ def prepare_chunk(
     prepared: list[Packed | None] = []
     for path in paths:
         try:
-            prepared.append(pack(preparer.prepare(account, folder, path)))
+            prepared.append(preparer.prepare_packed(account, folder, path))
         except Exception:
             prepared.append(None)
     return prepared
