@@ -335,6 +335,85 @@ def test_rows_are_written_as_the_requests_they_stand_for(
     assert expected == ([True] * 4 if all_new else [True, True, False, "error", True, True])
 
 
+@pytest.mark.parametrize("refused", ["message-id", "file", "link"])
+def test_a_refused_row_in_a_group_leaves_no_trace_and_the_others_are_written(
+    stores: Callable[[], Store], refused: str
+) -> None:
+    """SQLite writes a group of rows in a few statements without a savepoint. When it refuses
+    one message (its Message-ID or its file indexed already, a link to no record), what the
+    statements wrote is deleted again and the group goes one by one: the others are written
+    once each, the refused one as one by one would have it, and the batch goes on."""
+    store, other = stores(), stores()
+    store.upsert_record(BOB)
+    old = info("old")
+    assert store.save_message(old, [link(old)])
+    fresh = [info(f"n{i}") for i in range(4)]
+    if refused == "message-id":
+        odd = info("copy", message_id=old.message_id)  # another copy of an indexed message
+        odd_links = [link(odd)]
+    elif refused == "file":
+        odd = info("old", message_id="other@x.test")
+        odd_links = [link(odd)]
+    else:
+        ghost = Record("contact", "gone", "Ghost", ("ghost@customer.test",))
+        odd = info("broken")
+        odd_links = [
+            Link("alice", odd.message_id, ghost, "ghost@customer.test", "to", "address", "sent")
+        ]
+    requests = [
+        *(SaveRequest(m, [link(m)], [], ["dana@newco.test"]) for m in fresh[:2]),
+        SaveRequest(odd, odd_links, [], ["erin@newco.test"]),
+        *(SaveRequest(m, [link(m)]) for m in fresh[2:]),
+    ]
+    rows = [MessageRows.of(r) for r in requests]
+    with store.batch(max_writes=1000, max_seconds=3600):
+        answers = store.save_rows([r for r in rows if r is not None])
+        assert save(store, "after")
+    assert len(rows) == 5 and answers[:2] == [True, True] and answers[3:] == [True, True]
+    if refused == "link":
+        assert isinstance(answers[2], StoreError)
+    else:
+        assert answers[2] is False
+    copies = {"copy"} if refused == "message-id" else set()
+    assert indexed(other) == {"old", "after", *(m.uniq for m in fresh)} | copies
+    assert sorted(r["message_id"] for r in other.query_links(account="alice")) == sorted(
+        [old.message_id, "after@x.test", *(m.message_id for m in fresh)]
+    )
+    unmatched = other.unmatched_addresses("alice")
+    assert [(r["email"], r["messages"]) for r in unmatched] == [("dana@newco.test", 2)]
+    assert [f.uniq for f in other.message_files("alice", old.message_id)] == ["old", *copies]
+
+
+def test_a_refused_row_whose_rows_cannot_be_deleted_again_aborts_the_batch(
+    tmp_path: Path,
+) -> None:
+    """If taking back a refused group's rows fails too, the batch's whole transaction is rolled
+    back (the next rescan writes it again: the Maildir is the queue) rather than committed
+    with part of a group; later writes go on in a new transaction."""
+    store = open_store(f"sqlite:///{tmp_path}/s.db")
+    try:
+        store.upsert_record(BOB)
+        old = info("old")
+        assert store.save_message(old, [link(old)])
+        fresh = [info(f"n{i}") for i in range(3)]
+        copy = info("copy", message_id=old.message_id)
+        rows = [MessageRows.of(SaveRequest(m, [link(m)])) for m in [fresh[0], copy, *fresh[1:]]]
+        conn = store._conn()  # type: ignore[attr-defined]
+        conn.execute(
+            "CREATE TEMP TRIGGER no_delete BEFORE DELETE ON messages"
+            " BEGIN SELECT RAISE(ABORT, 'deleting refused'); END"
+        )
+        with store.batch(max_writes=1000, max_seconds=3600):
+            assert save(store, "before")  # in the batch's transaction, not committed yet
+            answers = store.save_rows([r for r in rows if r is not None])
+            conn.execute("DROP TRIGGER temp.no_delete")
+            assert save(store, "after")
+        assert answers == [True, False, True, True]  # one by one, in a new transaction
+        assert indexed(store) == {"old", "copy", "after", *(m.uniq for m in fresh)}
+    finally:
+        store.close()
+
+
 def test_a_request_rows_cannot_say_has_none() -> None:
     m = info("x")
     assert MessageRows.of(SaveRequest(m, [link(m)], [event("e")])) is None

@@ -6,7 +6,10 @@ Inside ``Store.batch()`` the writes of the calling thread share one transaction,
 ``max_writes`` writes or ``max_seconds`` (checked after each write) and when the block ends.
 Each write (one ``save_message``: the message row, its file, links, unmatched addresses and
 outbox rows) runs in its own savepoint, so a failing one leaves none of its rows and the batch
-goes on; reads on the same thread see the batch's rows.
+goes on; reads on the same thread see the batch's rows. SQLite writes a group of new messages
+given as rows (``save_rows``) without one: a savepoint makes it copy each page before its first
+change, and a group nearly always goes in whole. When one is refused, the group's rows are
+deleted again (or, failing that, the transaction is rolled back) and it goes one by one.
 
 A crash before a commit loses that batch's index rows and outbox rows together, never a message:
 the Maildir is the queue, and the next rescan indexes and links those files again. Hooks given

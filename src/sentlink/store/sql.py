@@ -161,11 +161,13 @@ class SqlStore(ABC):
             yield self._conn()
 
     @contextmanager
-    def _write(self, writes: int = 1) -> Iterator[Connection]:
+    def _write(self, writes: int = 1, savepoint: bool = True) -> Iterator[Connection]:
         """A connection inside a write transaction, committed on exit, rolled back on error.
 
         Inside a batch (store/batch.py): a savepoint in the batch's transaction, which is
-        committed once enough writes or time have gone by (the block counts as ``writes``)."""
+        committed once enough writes or time have gone by (the block counts as ``writes``).
+        ``savepoint`` False: none, for a block that undoes its own writes when it fails (a
+        savepoint makes SQLite copy each page before its first change in it)."""
         batch: WriteBatch | None = getattr(self._local, "batch", None)
         with self._errors():
             conn = self._conn()
@@ -184,7 +186,10 @@ class SqlStore(ABC):
                 finish = self._begin(conn)
                 batch.begin(conn, finish, self._records_version(conn))
             try:
-                with self._savepoint(conn):
+                if savepoint:
+                    with self._savepoint(conn):
+                        yield conn
+                else:
                     yield conn
             except BaseException:
                 if not self._in_transaction(conn):  # the database aborted the whole batch

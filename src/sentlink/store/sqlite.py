@@ -245,8 +245,9 @@ class SqliteStore(SqlStore):
         self._new_messages_written(requests)
 
     def _save_new_rows(self, rows: Sequence[MessageRows]) -> None:
-        """``_save_new`` of rows."""
-        with self._write(len(rows)) as conn:
+        """``_save_new`` of rows, without a savepoint: a message or file indexed already is
+        found by the count of rows written, and what was written is then deleted again."""
+        with self._write(len(rows), savepoint=False) as conn:
             self._insert_new(
                 conn,
                 [
@@ -255,47 +256,71 @@ class SqliteStore(SqlStore):
                 ],
                 [(n, *link) for n, r in enumerate(rows) for link in r.links],
                 [(n, e) for n, r in enumerate(rows) for e in r.unmatched],
+                undo=True,
             )
         self._new_links_written(
             (r.account, r.message_id, [(link[0], link[1]) for link in r.links]) for r in rows
         )
 
-    @staticmethod
     def _insert_new(
+        self,
         conn: Connection,
         messages: Sequence[tuple[str, str, str, str, str, int, str, str, str]],
         links: Sequence[tuple[Any, ...]],
         unmatched: Sequence[tuple[int, str]],
+        undo: bool = False,
     ) -> None:
         """Insert new messages, each (account, Message-ID, direction, subject, date, private,
         uniq, folder, file), their links, each (n, kind, record id, email, role, via), and
-        unmatched addresses, each (n, email), where n is the message's position."""
+        unmatched addresses, each (n, email), where n is the message's position.
+
+        A message or file indexed already violates a unique key: sqlite3.IntegrityError. With
+        ``undo`` (no savepoint around the call), every row written is deleted again first, on
+        that or any other error; if even that fails, the whole transaction is rolled back."""
         now = datetime.now(UTC).isoformat(timespec="seconds")
         # What INTEGER PRIMARY KEY would assign one by one (the batch holds the write lock).
         (last,) = conn.execute("SELECT coalesce(max(pk), 0) FROM messages").fetchone()
         first = int(last) + 1
-        conn.executemany(
-            "INSERT INTO messages"
-            " (pk, account, message_id, direction, subject, date, private, indexed_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [(first + n, *m[:6], now) for n, m in enumerate(messages)],
-        )
-        conn.executemany(
-            "INSERT INTO message_files (account, uniq, message_pk, folder, file)"
-            " VALUES (?, ?, ?, ?, ?)",
-            [(m[0], m[6], first + n, m[7], m[8]) for n, m in enumerate(messages)],
-        )
-        if links:
-            conn.executemany(
-                "INSERT INTO links (message_pk, kind, record_id, email, role, via)"
-                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                [(first + link[0], *link[1:]) for link in links],
-            )
-        if unmatched:
-            conn.executemany(
-                "INSERT INTO unmatched (message_pk, email) VALUES (?, ?) ON CONFLICT DO NOTHING",
-                [(first + n, e) for n, e in unmatched],
-            )
+        # With undo, refused rows are skipped and counted rather than raised: the statement
+        # then needs no rollback of its own.
+        skip = " ON CONFLICT DO NOTHING" if undo else ""
+        try:
+            written = conn.executemany(
+                "INSERT INTO messages"
+                " (pk, account, message_id, direction, subject, date, private, indexed_at)"
+                f" VALUES (?, ?, ?, ?, ?, ?, ?, ?){skip}",
+                [(first + n, *m[:6], now) for n, m in enumerate(messages)],
+            ).rowcount
+            written += conn.executemany(
+                "INSERT INTO message_files (account, uniq, message_pk, folder, file)"
+                f" VALUES (?, ?, ?, ?, ?){skip}",
+                [(m[0], m[6], first + n, m[7], m[8]) for n, m in enumerate(messages)],
+            ).rowcount
+            if written != 2 * len(messages):
+                raise sqlite3.IntegrityError("a message or file of the group is indexed already")
+            if links:
+                conn.executemany(
+                    "INSERT INTO links (message_pk, kind, record_id, email, role, via)"
+                    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                    [(first + link[0], *link[1:]) for link in links],
+                )
+            if unmatched:
+                conn.executemany(
+                    "INSERT INTO unmatched (message_pk, email)"
+                    " VALUES (?, ?) ON CONFLICT DO NOTHING",
+                    [(first + n, e) for n, e in unmatched],
+                )
+        except BaseException:
+            if undo:
+                try:
+                    # The group's messages are those from ``first`` on; their files, links
+                    # and unmatched addresses go with them (ON DELETE CASCADE).
+                    conn.execute("DELETE FROM messages WHERE pk >= ?", (first,))
+                except BaseException:
+                    if self._in_transaction(conn):
+                        conn.execute("ROLLBACK")  # the batch's writes are redone by a rescan
+                    raise
+            raise
 
     def schema_version(self) -> int:
         with self._read() as conn:
