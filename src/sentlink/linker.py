@@ -204,7 +204,10 @@ class LinkFilter:
             participants = self._participants(by_name, direction)
         except AmbiguousAddressError as exc:
             return (message_id, subject, date, refs, private, (), str(exc), "", ())
-        kinds = [self._kind(account, p[0]) for p in participants]
+        known = self._kinds.get(account) or {}
+        kinds = [known.get(p[0], -1) for p in participants]
+        if -1 in kinds:  # an address not seen before in this account
+            kinds = [self._kind(account, p[0]) for p in participants]
         candidates = tuple([n for n, kind in enumerate(kinds) if not kind])
         skip = (
             "no-participants"

@@ -22,6 +22,7 @@ from sentlink.maildir.names import normalize_flags
 from sentlink.trace import TRACE_HEADER, verify
 
 SelfSentRequire = str  # "none" | "trace" (validated by the config model)
+_TRACE_KEY = TRACE_HEADER.lower()
 
 _T = TypeVar("_T")
 
@@ -62,10 +63,11 @@ class MessageFacts:
     @_once
     def trace_account(self) -> str | None:
         """The account a valid trace header names, if any."""
-        if self._secret is None:
+        traces = self.headers.by_name.get(_TRACE_KEY)
+        if self._secret is None or not traces:
             return None
         message_id = self.headers.get("Message-ID")
-        for value in self.headers.values(TRACE_HEADER):
+        for value in traces:
             account = verify(self._secret, value, message_id)
             if account is not None:
                 return account
@@ -73,19 +75,19 @@ class MessageFacts:
 
     @_once
     def from_(self) -> tuple[str, ...]:
-        return _addresses(self.headers, "From", self._normalize)
+        return _addresses(self.headers, "from", self._normalize)
 
     @_once
     def to(self) -> tuple[str, ...]:
-        return _addresses(self.headers, "To", self._normalize)
+        return _addresses(self.headers, "to", self._normalize)
 
     @_once
     def cc(self) -> tuple[str, ...]:
-        return _addresses(self.headers, "Cc", self._normalize)
+        return _addresses(self.headers, "cc", self._normalize)
 
     @_once
     def bcc(self) -> tuple[str, ...]:
-        return _addresses(self.headers, "Bcc", self._normalize)
+        return _addresses(self.headers, "bcc", self._normalize)
 
     @_once
     def subject(self) -> str:
@@ -226,9 +228,10 @@ def self_sent_reason(
 
 def from_rule(facts: MessageFacts, own: frozenset[str]) -> bool:
     """From is the account's and some To/Cc recipient is not."""
-    if not facts.from_ or not all(a in own for a in facts.from_):
+    from_ = facts.from_
+    if not from_ or not own.issuperset(from_):
         return False
-    return any(a not in own for a in facts.to + facts.cc)
+    return not own.issuperset(facts.to + facts.cc)
 
 
 def needs_dkim(
@@ -256,14 +259,15 @@ def _plain_addresses(value: str) -> list[str] | None:
     return found
 
 
-def _addresses(headers: HeaderBlock, name: str, normalize: Callable[[str], str]) -> tuple[str, ...]:
+def _addresses(headers: HeaderBlock, key: str, normalize: Callable[[str], str]) -> tuple[str, ...]:
+    """The normalized addresses of the fields named ``key`` (lowercased)."""
     found: list[str] = []
-    for value in headers.values(name):
+    for value in headers.by_name.get(key, ()):
         try:
             plain = _plain_addresses(value)
             if plain is None:
                 plain = [addr for _, addr in parse_mailboxes(value)]
-            found.extend(normalize(addr) for addr in plain)
+            found += [normalize(addr) for addr in plain]
         except AmbiguousAddressError:
             continue  # an ambiguous field proves nothing: it never makes a message self-sent
     return tuple(found)
