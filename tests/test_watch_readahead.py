@@ -76,6 +76,20 @@ def test_hinted_files_are_read_into_the_page_cache(tmp_path: Path) -> None:
         assert wait_until(lambda: all(cached(p) for p in paths))
 
 
+def test_files_not_cached_after_a_warm_stretch_are_read_too(tmp_path: Path) -> None:
+    """Warm jobs are probed and skipped; the first cold one after them is still read, and so
+    is everything after it (a mailbox read recently, then its older, uncached part)."""
+    warm_files = uncached_files(tmp_path / "warm", 64)  # two jobs' worth
+    for path in warm_files:
+        path.read_bytes()
+    cold = uncached_files(tmp_path / "cold", 40)
+    assert not any(cached(p) for p in cold)
+    with ReadAhead() as ahead:
+        ahead.hint(warm_files)
+        ahead.hint(cold)
+        assert wait_until(lambda: all(cached(p) for p in cold))
+
+
 def test_missing_files_and_fifos_do_not_stop_the_read_ahead(tmp_path: Path) -> None:
     odd = tmp_path / "odd"
     odd.mkdir()

@@ -9,10 +9,6 @@ watcher's thread, through the same code, so both paths decide alike.
 
 from __future__ import annotations
 
-import gc
-import os
-import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -225,25 +221,12 @@ def packed_thread_refs(packed: Packed) -> tuple[str, ...]:
     return () if packed[7] or packed[9] or packed[10] else packed[6]
 
 
-class _WorkerState:
-    """What a worker process keeps between jobs: the preparer it was started with, whose
-    caches (normalized addresses, the accounts' own addresses) then serve every job. A
-    preparer sent with each job would arrive with them empty (2.5 us more per message)."""
-
-    preparer: Preparer | None = None
-
-
 def prepare_chunk(
-    preparer: Preparer | None, account: AccountConfig, folder: str, paths: Sequence[str]
+    preparer: Preparer, account: AccountConfig, folder: str, paths: Sequence[str]
 ) -> list[Packed | None]:
     """``Preparer.prepare_packed`` for each path, in a worker process (``unpack`` gives the
-    slim Prepared back); ``preparer`` None: the one the worker was started with. A file that
-    fails gives None: the main process then handles it from the start itself, and reports
-    what goes wrong."""
-    if preparer is None:
-        preparer = _WorkerState.preparer
-        if preparer is None:
-            raise RuntimeError("this worker process was started without a preparer")
+    slim Prepared back; watch/worker.py). A file that fails gives None: the main process then
+    handles it from the start itself, and reports what goes wrong."""
     prepared: list[Packed | None] = []
     for path in paths:
         try:
@@ -251,23 +234,3 @@ def prepare_chunk(
         except Exception:
             prepared.append(None)
     return prepared
-
-
-def init_worker(parent: int, gc_gen0: int = 0, preparer: Preparer | None = None) -> None:
-    """Worker process initializer: exit once the process that started it is gone, (with
-    ``gc_gen0``) run the garbage collector as seldom as the main process's scan does, and keep
-    ``preparer`` for the jobs that name none (see ``prepare_chunk``).
-
-    A worker of a ProcessPoolExecutor holds both ends of its job queue, so it would wait for
-    jobs forever after the main process was killed (SIGKILL, a crash)."""
-
-    if gc_gen0:
-        gc.set_threshold(gc_gen0, *gc.get_threshold()[1:])
-    _WorkerState.preparer = preparer
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(0)
-
-    threading.Thread(target=watch, name="sentlink-parent-watch", daemon=True).start()

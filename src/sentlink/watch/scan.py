@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import gc
 import logging
-import multiprocessing
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from operator import attrgetter, itemgetter
@@ -41,13 +39,12 @@ from sentlink.watch.prepare import (
     Packed,
     Prepared,
     Preparer,
-    init_worker,
     packed_candidates,
     packed_thread_refs,
-    prepare_chunk,
     unpack,
 )
 from sentlink.watch.readahead import ReadAhead
+from sentlink.watch.worker import PrepareWorker, WorkerGone
 
 log = logging.getLogger("sentlink.watch")
 
@@ -442,10 +439,11 @@ def _handle_in_groups(
 
 class Workers:
     """The processes helping a reconcile of large folders: one that prepares files (started on
-    first use, or early by :meth:`start`; none on one CPU) and the read-ahead one."""
+    first use, or early by :meth:`start`; none on one CPU; watch/worker.py) and the read-ahead
+    one."""
 
     def __init__(self, preparer: Preparer | None = None) -> None:
-        self._pool: ProcessPoolExecutor | None = None
+        self._worker: PrepareWorker | None = None
         self._readahead = ReadAhead()
         self.failed = False
         # Given to the worker process once, when it starts: jobs using it need not carry it.
@@ -460,11 +458,9 @@ class Workers:
     def close(self) -> None:
         """Stop both processes (the worker is not waited for)."""
         self._readahead.close()
-        if self._pool is not None:
-            # Not waiting for the process to exit: the caller has its results, and whoever
-            # waits for the scan (a log line, the next event) should not wait for that too.
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
 
     def start(self) -> None:
         """Start both processes now, while the caller lists folders: the worker's start-up
@@ -472,62 +468,55 @@ class Workers:
         if self._ready() is not None:
             self._readahead.start()
 
-    def _ready(self) -> ProcessPoolExecutor | None:
+    def _ready(self) -> PrepareWorker | None:
         if self.failed:
             return None
-        if self._pool is None:
+        if self._worker is None:
             if len(os.sched_getaffinity(0)) < 2:
                 self.failed = True  # one CPU: a second process would only take turns
                 return None
             try:
-                # spawn, not fork: the watcher has threads (watchdog, metrics) a fork would
-                # copy in whatever state they are in.
-                self._pool = ProcessPoolExecutor(
-                    1,
-                    multiprocessing.get_context("spawn"),
-                    initializer=init_worker,
-                    initargs=(os.getpid(), GC_GEN0, self._preparer),
-                )
-                # A pool starts its process with the first job: this one does nothing.
-                self._pool.submit(os.getpid)
+                self._worker = PrepareWorker(self._preparer, GC_GEN0)
             except Exception as exc:  # cannot start the worker: work without it
-                log.warning("preparing files in a worker process failed: %s", exc)
-                self.failed = True
+                self._fail(exc)
                 return None
-        return self._pool
+        return self._worker
+
+    def _fail(self, exc: Exception) -> None:
+        if not self.failed:
+            log.warning("preparing files in a worker process failed: %s", exc)
+        self.failed = True
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
 
     def hint(self, paths: Sequence[str]) -> None:
         """Have ``paths`` read into the page cache ahead of their reader (a cold start)."""
         self._readahead.hint(paths)
 
-    def submit(
-        self, preparer: Preparer, ref: FolderRef, paths: Sequence[str]
-    ) -> Future[list[Packed | None]] | None:
-        """The job preparing ``paths``, or None when there is no worker (the main process then
-        prepares each file itself)."""
-        pool = self._ready()
-        if pool is None:
+    def submit(self, preparer: Preparer, ref: FolderRef, paths: Sequence[str]) -> int | None:
+        """The number of the job preparing ``paths``, or None when there is no worker (the main
+        process then prepares each file itself)."""
+        worker = self._ready()
+        if worker is None:
             return None
         try:
             # Strings: Path objects cost both processes more to send than the rest of the job.
             sent = None if preparer is self._preparer else preparer
-            return pool.submit(prepare_chunk, sent, ref.account, ref.folder, list(paths))
-        except Exception as exc:  # the worker is gone: work without it
-            log.warning("preparing files in a worker process failed: %s", exc)
-            self.failed = True
+            return worker.submit(sent, ref.account, ref.folder, paths)
+        except WorkerGone as exc:
+            self._fail(exc)
             return None
 
-    def results(
-        self, job: Future[list[Packed | None]] | None, count: int
-    ) -> Sequence[Packed | None]:
-        if job is None:
+    def results(self, job: int | None, count: int) -> Sequence[Packed | None]:
+        """The results of job ``job`` (taken in the order the jobs were submitted); Nones when
+        there is none, or the worker failed it or is gone."""
+        if job is None or self._worker is None:
             return [None] * count
         try:
-            return job.result()
-        except Exception as exc:  # the worker died: the main process prepares the files
-            if not self.failed:
-                log.warning("preparing files in a worker process failed: %s", exc)
-            self.failed = True
+            return self._worker.result(job)
+        except WorkerGone as exc:  # the main process prepares the files
+            self._fail(exc)
             return [None] * count
 
 
@@ -551,7 +540,7 @@ def _pipeline(
         yield from ((path, None) for path in paths)
         return
     chunks = [paths[i : i + _CHUNK] for i in range(0, len(paths), _CHUNK)]
-    jobs: deque[Future[list[Packed | None]] | None] = deque()
+    jobs: deque[int | None] = deque()
     warmed = submitted = 0
     for index, chunk in enumerate(chunks):
         while warmed < len(chunks) and warmed <= index + _WARM_AHEAD:
