@@ -258,9 +258,13 @@ watch:
             mail("m6@x", frm='"unclosed <bob@customer.test'),  # ambiguous
             mail("m7@x", frm="colleague@example.test"),  # internal only
             b"Subject: no address at all\n\nbody\n",
+            mail("m9@x", extra="X-Sentlink-Trace: forged\n"),  # stays, with a trace header
         ],
         "Sent": [mail("m8@x", frm=ALICE, to="Erin <erin@customer.test>", cc="bob@customer.test")],
     }
+    # Without hooks wanting message.linked events, the main process reads a message's kept
+    # fields only to tell copies in Sent apart: the others are sent without them.
+    lean = Preparer(WatchPolicy.from_config(config, SECRET), LinkFilter(config), False)
     seen = set()
     for folder, messages in files.items():
         for data in messages:
@@ -268,6 +272,11 @@ watch:
             packed = preparer.prepare_packed(alice, folder, str(path))
             got = unpack(pickle.loads(pickle.dumps(packed)))
             assert got == preparer.prepare(alice, folder, path).slim(), data
+            to_sent = (got.decision.move or folder) == "Sent"
+            has_trace = b"X-Sentlink-Trace" in data
+            assert lean.prepare_packed(alice, folder, str(path)) == (
+                packed if to_sent or has_trace else ((), *packed[1:])
+            ), data
             assert got.headers.get("to") == "" and got.headers.get("subject") == ""
             seen.add(
                 (

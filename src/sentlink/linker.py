@@ -335,6 +335,12 @@ class Linker:
     def filter(self) -> LinkFilter:
         return self._filter
 
+    @property
+    def reads_sender(self) -> bool:
+        """Whether writing a message reads its From field (for the message.linked events a
+        hook wants); nothing else here reads a header once the draft is made."""
+        return bool(self._subscribers[MESSAGE_LINKED])
+
     # entry point
 
     def link_file(

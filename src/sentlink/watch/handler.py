@@ -148,7 +148,7 @@ class MessageHandler:
         self._linker = linker
         self._policy = policy
         self._known = known
-        self._preparer = Preparer(policy, linker.filter)
+        self._preparer = Preparer(policy, linker.filter, linker.reads_sender)
         # Rows of duplicate copies we deleted, forgotten in one store call per folder.
         self._forget: dict[tuple[str, str], set[str]] = {}
         # Inside batch(): directories our renames changed, fsynced once before each commit, and

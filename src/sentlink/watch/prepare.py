@@ -36,8 +36,10 @@ def direction_of(account: AccountConfig, folder: str) -> Direction:
 
 # The header fields the main process still reads once a file is prepared: the sender, for hook
 # events (Linker.request), and our trace header with the Message-ID it signs, to tell whose a
-# duplicate copy is (MessageHandler._deduplicate). A worker sends only these back.
-_KEPT_FIELDS = frozenset({"from", "message-id", TRACE_HEADER.lower()})
+# duplicate copy is (MessageHandler._deduplicate). A worker sends only these back, and only for
+# a message whose handling may read them (see Preparer.prepare_packed).
+_TRACE_KEY = TRACE_HEADER.lower()
+_KEPT_FIELDS = frozenset({"from", "message-id", _TRACE_KEY})
 
 
 @dataclass(frozen=True)
@@ -58,11 +60,15 @@ class Prepared:
 
 class Preparer:
     """Reads and judges message files; holds configuration only, so it can be sent to a worker
-    process (its caches are rebuilt there)."""
+    process (its caches are rebuilt there). ``reads_sender``: writing a message reads its From
+    field (``Linker.reads_sender``)."""
 
-    def __init__(self, policy: WatchPolicy, link_filter: LinkFilter) -> None:
+    def __init__(
+        self, policy: WatchPolicy, link_filter: LinkFilter, reads_sender: bool = True
+    ) -> None:
         self._policy = policy
         self._filter = link_filter
+        self._reads_sender = reads_sender
         self._own: dict[str, frozenset[str]] = {}
         self._dkim: DkimVerifier | None = None
         # The header fields anything after reading looks at: the rules and the self-sent rule
@@ -93,11 +99,23 @@ class Preparer:
     def prepare_packed(self, account: AccountConfig, folder: str, path: StrPath) -> Packed:
         """``prepare(...).slim()`` as a worker sends it back (``unpack`` gives that); raises
         like ``prepare``. Built as tuples from the start: no object per participant, nor a
-        draft or preparation, to build and take apart again."""
+        draft or preparation, to build and take apart again.
+
+        The kept header fields are left out (no field at all) when nothing will read them:
+        when writing the message does not read its sender, and it neither ends up in the Sent
+        folder (where copies are told apart by their trace header) nor has a trace header."""
         headers = self.read(path)
         decision, fields = self._judge(account, folder, headers, path)
+        if (
+            self._reads_sender
+            or (decision.move or folder) == account.sent_folder
+            or _TRACE_KEY in headers.by_name
+        ):
+            kept = tuple([f for f in headers.fields if f[0].lower() in _KEPT_FIELDS])
+        else:
+            kept = ()
         return (
-            tuple([f for f in headers.fields if f[0].lower() in _KEPT_FIELDS]),
+            kept,
             headers.truncated,
             None if decision is NO_RULE or decision == NO_RULE else decision,
             *fields,
