@@ -12,7 +12,13 @@ from email.header import decode_header, make_header
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 
-from sentlink.addresses import _decode_phrase, address_domain
+from sentlink.addresses import (
+    AmbiguousAddressError,
+    _decode_phrase,
+    address_domain,
+    normalize_address,
+    parse_mailboxes,
+)
 from sentlink.config.models import AccountConfig, Config, CrmConfig
 from sentlink.headers import parse_header_bytes
 from sentlink.linker import LinkFilter, _decode_words, _in_domains, _iso_date, _references
@@ -136,3 +142,39 @@ def test_exclusion_checks_are_those_of_the_former_ones(tmp_path: Path) -> None:
         )
         assert link_filter.is_internal(email, own) == internal, email
         assert link_filter.is_never_log(email) == never, email
+
+
+def test_remembered_mailboxes_are_what_parsing_gives_and_stay_bounded(tmp_path: Path) -> None:
+    """``LinkFilter.mailboxes`` (shared by the self-sent rule and the draft) answers as parsing
+    and normalizing does, each time, an ambiguous value raising each time; and it holds no
+    more than its bound however many values pass."""
+    link_filter = LinkFilter(
+        Config(accounts=(AccountConfig("alice", ("alice@example.test",), tmp_path / "m"),))
+    )
+    rng = random.Random(5)
+    names = ["", "Bob", "=?utf-8?q?J=C3=B6rg?=", '"Doe, Jane"', "Q."]
+    addrs = ["bob@Customer.TEST", "j@xn--mller-kva.de", "undisclosed-recipients:;", "x@[1.2.3.4]"]
+    values = ['"unclosed <a@b.test>', "a@b.test, , c@d.test", "\udcff@x.test", "not an address"]
+    for _ in range(400):
+        parts = [
+            f"{rng.choice(names)} <{rng.choice(addrs)}>"
+            if rng.random() < 0.5
+            else rng.choice(addrs)
+            for _ in range(rng.randint(1, 3))
+        ]
+        values.append(", ".join(parts))
+    for value in values * 2:  # the second time from what was remembered
+        try:
+            expected: object = [
+                (name, normalize_address(addr)) for name, addr in parse_mailboxes(value)
+            ]
+        except AmbiguousAddressError:
+            expected = AmbiguousAddressError
+        try:
+            got: object = list(link_filter.mailboxes(value))
+        except AmbiguousAddressError:
+            got = AmbiguousAddressError
+        assert got == expected, value
+    for n in range(5000):
+        link_filter.mailboxes(f"user{n}@customer.test")
+    assert len(link_filter._mailboxes) <= 1024

@@ -1,5 +1,5 @@
 """The rules give the one shared ``NO_RULE`` decision when none matches, equal to the default
-one that pack sends as None; a matching rule still gives its own decision."""
+one that a reconcile's worker sends as None; a matching rule still gives its own decision."""
 
 from __future__ import annotations
 

@@ -30,7 +30,6 @@ _COSMETIC_DEFECTS = frozenset(
 _SURROGATES = re.compile("[\udc80-\udcff]")
 _REPLACEMENT = "\ufffd"
 _MAX_DOMAIN = 255
-_MAX_CACHED_VALUE = 512
 
 # The fast path: the mailbox forms nearly every MUA writes, in printable US-ASCII. Anything else
 # (comments, groups, quoted local parts, domain literals, escapes, UTF-8, empty list elements)
@@ -119,26 +118,17 @@ def parse_mailboxes(value: str) -> list[tuple[str, str]]:
     Groups expand to their members (``undisclosed-recipients:;`` gives none). Display names are
     RFC 2047-decoded; undecodable bytes in a display name become U+FFFD, in an address they make
     the header ambiguous. The addr-spec is returned as written (see :func:`normalize_address`).
+
+    Not cached here: most values are seen once (a From with its display name), and a cache's
+    bookkeeping cost more than parsing them. The linker keeps the values it reads again
+    (``LinkFilter.mailboxes``).
     """
-    if len(value) <= _MAX_CACHED_VALUE:
-        return list(_parse_cached(value))
-    return _parse(value)
-
-
-def _parse(value: str) -> list[tuple[str, str]]:
     if not value.strip():
         return []
     fast = _parse_simple(value)
     if fast is not None:
         return fast
     return _parse_strict(value)
-
-
-# The same few values recur in a mailbox ("To: the account", a colleague on Cc); the answer
-# depends on the value alone. Ambiguous values raise and are not cached.
-@lru_cache(maxsize=4096)
-def _parse_cached(value: str) -> tuple[tuple[str, str], ...]:
-    return tuple(_parse(value))
 
 
 def _parse_simple(value: str) -> list[tuple[str, str]] | None:

@@ -74,6 +74,9 @@ _FALSE_WORDS = frozenset({"", "0", "no", "false", "off"})
 # References can list a whole long thread; the newest ids are the ones that matter.
 _MAX_REFERENCES = 50
 _FORMS_CACHE_SIZE = 50_000
+# Address field values LinkFilter.mailboxes remembers: the last message's, and those that recur
+# (the account's own address in To, a colleague in Cc), until this many were read.
+_MAILBOXES_KEPT = 1024
 # What LinkFilter._kind says of a participant's address (0: a candidate for linking).
 _INTERNAL = 1
 _NEVER_LOG = 2
@@ -147,6 +150,8 @@ class LinkFilter:
         self._forms_cache: dict[str, tuple[str, ...]] = {}
         # Per account, whether each address seen is internal, never to be logged or neither.
         self._kinds: dict[str, dict[str, int]] = {}
+        # The last address field values read, with their mailboxes or why they are ambiguous.
+        self._mailboxes: dict[str, tuple[tuple[str, str], ...] | str] = {}
         crm = config.crm
         self._strip_plus = crm.strip_plus_tags
         self._private_header = crm.private.header
@@ -168,7 +173,7 @@ class LinkFilter:
 
     def __getstate__(self) -> dict[str, object]:
         # Sent to a worker process (watch/prepare.py): the cache starts empty there.
-        return {**self.__dict__, "_forms_cache": {}, "_kinds": {}}
+        return {**self.__dict__, "_forms_cache": {}, "_kinds": {}, "_mailboxes": {}}
 
     def header_names(self) -> tuple[str, ...]:
         """The header fields :meth:`draft` reads."""
@@ -237,6 +242,26 @@ class LinkFilter:
             kinds[email] = kind
         return kind
 
+    def mailboxes(self, value: str) -> tuple[tuple[str, str], ...]:
+        """``(display name, normalized address)`` of each mailbox of an address field's value;
+        raises AmbiguousAddressError. The values read lately are remembered: the self-sent rule
+        and the draft then parse a message's From once, and a value that recurs once in a
+        while."""
+        found = self._mailboxes.get(value)
+        if found is None:
+            if len(self._mailboxes) >= _MAILBOXES_KEPT:
+                self._mailboxes.clear()
+            try:
+                found = tuple(
+                    [(name, self.normalized(addr)) for name, addr in parse_mailboxes(value)]
+                )
+            except AmbiguousAddressError as exc:
+                found = str(exc)
+            self._mailboxes[value] = found
+        if isinstance(found, str):
+            raise AmbiguousAddressError(found)
+        return found
+
     def _participants(
         self, by_name: dict[str, list[str]], direction: Direction
     ) -> tuple[tuple[str, Role, str], ...]:
@@ -246,8 +271,7 @@ class LinkFilter:
         for role, field, key in _ROLE_FIELDS[direction]:
             for value in by_name.get(key, ()):
                 try:
-                    mailboxes = parse_mailboxes(value)
-                    emails = [(name, self.normalized(addr)) for name, addr in mailboxes]
+                    emails = self.mailboxes(value)
                 except AmbiguousAddressError as exc:
                     raise AmbiguousAddressError(f"{field}: {exc}") from None
                 for name, email in emails:

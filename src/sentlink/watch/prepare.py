@@ -131,7 +131,7 @@ class Preparer:
         return decision, draft
 
     def facts(self, headers: HeaderBlock) -> MessageFacts:
-        return MessageFacts(headers, self._policy.secret, self._filter.normalized)
+        return MessageFacts(headers, self._policy.secret, self._filter.mailboxes)
 
     def decide(
         self,
@@ -146,7 +146,7 @@ class Preparer:
         Raises DkimPending when the DKIM key lookup failed for now: the file is left as it is
         and judged again at the next rescan."""
         policy = self._policy
-        facts = MessageFacts(headers, policy.secret, self._filter.normalized)
+        facts = MessageFacts(headers, policy.secret, self._filter.mailboxes)
         decision = policy.rules.decide(facts)
         if decision.move is None and folder.upper() == "INBOX":
             own = self._own_of(account)

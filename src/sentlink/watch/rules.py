@@ -53,12 +53,14 @@ class MessageFacts:
         self,
         headers: HeaderBlock,
         secret: bytes | None,
-        normalize: Callable[[str], str] = normalize_address,
+        mailboxes: Callable[[str], Sequence[tuple[str, str]]] | None = None,
     ) -> None:
-        """``normalize``: ``normalize_address``, or a cached equivalent of it."""
+        """``mailboxes``: ``(display name, normalized address)`` of a field value's mailboxes,
+        raising AmbiguousAddressError (``LinkFilter.mailboxes``); by default, as that reads
+        them, uncached."""
         self.headers = headers
         self._secret = secret
-        self._normalize = normalize
+        self._mailboxes = mailboxes or _mailboxes
 
     @_once
     def trace_account(self) -> str | None:
@@ -75,19 +77,19 @@ class MessageFacts:
 
     @_once
     def from_(self) -> tuple[str, ...]:
-        return _addresses(self.headers, "from", self._normalize)
+        return _addresses(self.headers, "from", self._mailboxes)
 
     @_once
     def to(self) -> tuple[str, ...]:
-        return _addresses(self.headers, "to", self._normalize)
+        return _addresses(self.headers, "to", self._mailboxes)
 
     @_once
     def cc(self) -> tuple[str, ...]:
-        return _addresses(self.headers, "cc", self._normalize)
+        return _addresses(self.headers, "cc", self._mailboxes)
 
     @_once
     def bcc(self) -> tuple[str, ...]:
-        return _addresses(self.headers, "bcc", self._normalize)
+        return _addresses(self.headers, "bcc", self._mailboxes)
 
     @_once
     def subject(self) -> str:
@@ -241,33 +243,18 @@ def needs_dkim(
     return require == "dkim" and facts.trace_account != account and from_rule(facts, own)
 
 
-# The common plain form of one mailbox: an unquoted display name of letters, digits, spaces,
-# dots, hyphens and underscores, or none, and an ASCII dot-atom addr-spec. Such a list can be
-# split at commas (a comma inside a display name needs quotes, RFC 5322 3.4); anything else goes
-# to the strict parser, which is ~50x slower.
-_ADDR_SPEC = r"([A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+)"
-_PLAIN_MAILBOX = re.compile(rf"\s*(?:[A-Za-z0-9 ._-]*<{_ADDR_SPEC}>|{_ADDR_SPEC})\s*")
+def _mailboxes(value: str) -> list[tuple[str, str]]:
+    return [(name, normalize_address(addr)) for name, addr in parse_mailboxes(value)]
 
 
-def _plain_addresses(value: str) -> list[str] | None:
-    found = []
-    for part in value.split(","):
-        match = _PLAIN_MAILBOX.fullmatch(part)
-        if match is None:
-            return None
-        found.append(match.group(1) or match.group(2))
-    return found
-
-
-def _addresses(headers: HeaderBlock, key: str, normalize: Callable[[str], str]) -> tuple[str, ...]:
+def _addresses(
+    headers: HeaderBlock, key: str, mailboxes: Callable[[str], Sequence[tuple[str, str]]]
+) -> tuple[str, ...]:
     """The normalized addresses of the fields named ``key`` (lowercased)."""
     found: list[str] = []
     for value in headers.by_name.get(key, ()):
         try:
-            plain = _plain_addresses(value)
-            if plain is None:
-                plain = [addr for _, addr in parse_mailboxes(value)]
-            found += [normalize(addr) for addr in plain]
+            found += [addr for _name, addr in mailboxes(value)]
         except AmbiguousAddressError:
             continue  # an ambiguous field proves nothing: it never makes a message self-sent
     return tuple(found)
