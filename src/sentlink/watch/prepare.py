@@ -213,7 +213,8 @@ Packed = tuple[
 
 
 def unpack(packed: Packed) -> Prepared:
-    """The slim Prepared that ``Preparer.prepare_packed`` stands for."""
+    """The slim Prepared that ``Preparer.prepare_packed`` stands for (with no header field
+    at all where it left them out)."""
     return Prepared(kept_headers(packed), packed[2] or NO_RULE, packed_draft(packed))
 
 
