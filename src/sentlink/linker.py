@@ -155,6 +155,7 @@ class LinkFilter:
         crm = config.crm
         self._strip_plus = crm.strip_plus_tags
         self._private_header = crm.private.header
+        self._private_key = self._private_header.lower()
         self._private_tag = crm.private.subject_tag.casefold()
         self._internal = frozenset(_domain_or_none(d) or d.lower() for d in config.internal_domains)
         never_addresses: set[str] = set()
@@ -281,8 +282,8 @@ class LinkFilter:
         return tuple(participants)
 
     def _is_private(self, headers: HeaderBlock, subject: str) -> bool:
-        if self._private_header:
-            for value in headers.values(self._private_header):
+        if self._private_key:
+            for value in headers.by_name.get(self._private_key, ()):
                 if value.strip().lower() not in _FALSE_WORDS:
                     return True
         return bool(self._private_tag) and self._private_tag in subject.casefold()
@@ -742,10 +743,12 @@ def _message_id(value: str) -> str:
 
 def _references(headers: HeaderBlock) -> tuple[str, ...]:
     """Ids from In-Reply-To, then References (newest first), without repeats."""
-    replied = [m.strip() for v in headers.values("In-Reply-To") for m in _MSG_ID.findall(v)]
-    references = [m.strip() for v in headers.values("References") for m in _MSG_ID.findall(v)]
-    if not replied and not references:
+    by_name = headers.by_name
+    replied_values, reference_values = by_name.get("in-reply-to"), by_name.get("references")
+    if not replied_values and not reference_values:
         return ()  # a message that starts a thread
+    replied = [m.strip() for v in replied_values or () for m in _MSG_ID.findall(v)]
+    references = [m.strip() for v in reference_values or () for m in _MSG_ID.findall(v)]
     ids = dict.fromkeys(replied)
     ids.update(dict.fromkeys(reversed(references[-_MAX_REFERENCES:])))
     ids.pop("", None)

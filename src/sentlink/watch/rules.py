@@ -120,7 +120,7 @@ NO_RULE = Decision()  # what no rule says: stay, link
 @dataclass(frozen=True)
 class CompiledRule:
     name: str
-    header: tuple[tuple[str, re.Pattern[str]], ...]
+    header: tuple[tuple[str, re.Pattern[str]], ...]  # (lowercased field name, regex)
     fields: tuple[tuple[str, re.Pattern[str]], ...]  # ("from" | "to" | ..., regex)
     link: bool
     move: str | None
@@ -146,7 +146,7 @@ class CompiledRule:
         ]
         return cls(
             name=rule.name,
-            header=tuple((name, rx(value)) for name, value in cond.header.items()),
+            header=tuple((name.lower(), rx(value)) for name, value in cond.header.items()),
             fields=tuple(tests),
             link=rule.then.link,
             move=rule.then.move,
@@ -155,8 +155,9 @@ class CompiledRule:
         )
 
     def matches(self, facts: MessageFacts) -> bool:
-        for name, pattern in self.header:
-            if not any(pattern.search(v) for v in facts.headers.values(name)):
+        by_name = facts.headers.by_name
+        for key, pattern in self.header:
+            if not any(pattern.search(v) for v in by_name.get(key, ())):
                 return False
         for key, pattern in self.fields:
             if key == "subject":
