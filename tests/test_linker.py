@@ -17,7 +17,7 @@ from sentlink.config.models import (
     PrivateConfig,
 )
 from sentlink.headers import parse_header_bytes, read_header_bytes
-from sentlink.linker import Linker, LinkResult, _iso_date
+from sentlink.linker import Linker, LinkResult, iso_date
 from sentlink.model import Direction, Record
 from sentlink.store import LinkRow, Store, open_store
 
@@ -395,7 +395,7 @@ def test_dates_read_as_email_utils_reads_them(value: str) -> None:
         expected = (when if when.tzinfo else when.replace(tzinfo=UTC)).isoformat()
     except ValueError:
         expected = ""
-    assert _iso_date(value) == expected
+    assert iso_date(value) == expected
 
 
 def test_eight_bit_garbage_headers_do_not_stop_linking(tmp_path: Path, store: Store) -> None:

@@ -21,7 +21,7 @@ from sentlink.addresses import (
 )
 from sentlink.config.models import AccountConfig, Config, CrmConfig
 from sentlink.headers import parse_header_bytes
-from sentlink.linker import LinkFilter, _decode_words, _in_domains, _iso_date, _references
+from sentlink.linker import LinkFilter, _decode_words, _in_domains, _references, iso_date
 
 _MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
 _MSG_ID = re.compile(r"<([^<>]+)>")
@@ -62,7 +62,7 @@ def test_plain_dates_read_as_email_utils_reads_them() -> None:
     values += ["31 Apr 2024 10:00:00 +0200", "0 May 2024 10:00 +0000", "1 May 2024 24:00 +0000"]
     values += ["1 May 2024 23:59:60 +0000", "1 May 2024 10:00:00 -0000", " 1 May 2024 10:00 +0000"]
     for value in values:
-        assert _iso_date(value) == email_utils_iso_date(value), value
+        assert iso_date(value) == email_utils_iso_date(value), value
 
 
 def former_references(values: dict[str, list[str]]) -> tuple[str, ...]:

@@ -81,8 +81,15 @@ def fill(box: Path) -> None:
             drop(box, "INBOX", mail(f"a{n}@x", frm="a@x.test)<b@y.test>"))
         elif kind == 5:  # internal only
             drop(box, "INBOX", mail(f"i{n}@x", frm="colleague@example.test"))
-        else:
-            drop(box, "INBOX", mail(f"r{n}@x", frm=customer, cc=f"new{n}@elsewhere.test"))
+        else:  # dated in the usual form, and in others (the draft's date is ISO 8601)
+            date = [f"Tue, 4 Jun 2024 10:00:{n % 60:02d} +0200", "4 Jun 2024 10:00 -0000"]
+            date += ["Tue, 31 Feb 2024 10:00:00 +0200", "yesterday"]
+            extra = f"Date: {date[n // 8 % 4]}\n"
+            drop(
+                box,
+                "INBOX",
+                mail(f"r{n}@x", frm=customer, cc=f"new{n}@elsewhere.test", extra=extra),
+            )
 
 
 def run(config: Config, parallel_from: int) -> dict[str, object]:
@@ -166,6 +173,8 @@ def test_the_parallel_reconcile_ends_where_one_at_a_time_does(
     assert {"linked", "already", "skipped", "ambiguous"} <= set(expected["by_status"])  # type: ignore[arg-type]
     one, two = state(tmp_path / "one"), state(tmp_path / "two")
     assert one["links"] and (one["events"] if hooks else not one["events"])
+    dates = {row[5] for row in one["messages"]}  # type: ignore[union-attr]
+    assert {"2024-06-04T10:00:06+02:00", "2024-06-04T10:00:00+00:00", ""} <= dates
     assert two == one
 
 

@@ -192,9 +192,12 @@ class LinkFilter:
         """The store-free part of :meth:`Linker.plan` (no side effects, no logging)."""
         return draft_of(self.draft_fields(account, headers, direction))
 
-    def draft_fields(self, account: str, headers: HeaderBlock, direction: Direction) -> DraftFields:
+    def draft_fields(
+        self, account: str, headers: HeaderBlock, direction: Direction, raw_date: bool = False
+    ) -> DraftFields:
         """:meth:`draft` as a tuple (see ``DraftFields``): what a reconcile's worker process
-        sends back, with no object per participant to build, send and take apart."""
+        sends back, with no object per participant to build, send and take apart. With
+        ``raw_date``, the date is the Date field as written (``iso_date`` gives the draft's)."""
         by_name = headers.by_name
         values = by_name.get("message-id")
         message_id = _message_id(values[0]) if values else ""
@@ -202,7 +205,7 @@ class LinkFilter:
         subject = _decode_words(values[0]) if values else ""
         private = self._is_private(headers, subject)
         values = by_name.get("date")
-        date = _iso_date(values[0]) if values else ""
+        date = (values[0] if raw_date else iso_date(values[0])) if values else ""
         refs = _references(headers)
         if private:
             return (message_id, subject, date, refs, private, (), "", "", ())
@@ -782,7 +785,7 @@ _MONTHS = {
 }
 
 
-def _iso_date(value: str) -> str:
+def iso_date(value: str) -> str:
     """ISO 8601 of the Date header, "" when missing or invalid. ``-0000`` (RFC 5322 section
     3.3: UTC, local offset unknown) gives a UTC time."""
     if not value:
@@ -800,7 +803,7 @@ def _iso_date(value: str) -> str:
 
 
 def _plain_iso_date(value: str) -> str | None:
-    """What _iso_date gives through email.utils for a Date in the usual form, or None when it
+    """What iso_date gives through email.utils for a Date in the usual form, or None when it
     is not in that form. Raises ValueError for an impossible date or offset, as it does."""
     match = _PLAIN_DATE.fullmatch(value)
     if match is None:

@@ -41,6 +41,7 @@ from sentlink.watch.prepare import (
     Preparer,
     direction_of,
     kept_headers,
+    packed_date,
     packed_draft,
 )
 from sentlink.watch.rules import Decision, MessageFacts
@@ -342,7 +343,7 @@ class MessageHandler:
                 uniq,
                 file,
                 direction,
-                (packed[3], packed[4], packed[5], packed[6], packed[10], candidates),
+                (packed[3], packed[4], packed_date(packed), packed[6], packed[10], candidates),
             )
             if planned is not None:
                 return planned

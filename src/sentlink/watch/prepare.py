@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 from sentlink.config.models import AccountConfig
 from sentlink.headers import FieldSelection, HeaderBlock, StrPath, read_headers
-from sentlink.linker import Draft, DraftFields, LinkFilter, draft_of
+from sentlink.linker import Draft, DraftFields, LinkFilter, draft_of, iso_date
 from sentlink.maildir.names import merge_flags
 from sentlink.model import Direction, Role
 from sentlink.trace import TRACE_HEADER
@@ -105,7 +105,7 @@ class Preparer:
         when writing the message does not read its sender, and it neither ends up in the Sent
         folder (where copies are told apart by their trace header) nor has a trace header."""
         headers = self.read(path)
-        decision, fields = self._judge(account, folder, headers, path)
+        decision, fields = self._judge(account, folder, headers, path, raw_date=True)
         if (
             self._reads_sender
             or (decision.move or folder) == account.sent_folder
@@ -122,12 +122,17 @@ class Preparer:
         )
 
     def _judge(
-        self, account: AccountConfig, folder: str, headers: HeaderBlock, path: StrPath
+        self,
+        account: AccountConfig,
+        folder: str,
+        headers: HeaderBlock,
+        path: StrPath,
+        raw_date: bool = False,
     ) -> tuple[Decision, DraftFields]:
         """The decision, and the draft for the folder the message ends up in."""
         decision, _facts = self.decide(account, folder, headers, path)
-        target = decision.move or folder
-        draft = self._filter.draft_fields(account.name, headers, direction_of(account, target))
+        direction = direction_of(account, decision.move or folder)
+        draft = self._filter.draft_fields(account.name, headers, direction, raw_date)
         return decision, draft
 
     def facts(self, headers: HeaderBlock) -> MessageFacts:
@@ -193,9 +198,11 @@ class Preparer:
 
 
 # A slim Prepared as the worker sends it back (``Preparer.prepare_packed``): header fields,
-# truncated, the decision (None for the default one), then the draft's fields (``DraftFields``).
-# Tuples and strings pickle and unpickle several times faster than the dataclasses they stand
-# for (each an object with a state dictionary).
+# truncated, the decision (None for the default one), then the draft's fields (``DraftFields``)
+# with the Date field as written: the main process turns it into the draft's date
+# (``packed_date``). Of the two processes of a reconcile the worker is the busier one, and this
+# step (about 2 us) weighs the same in either. Tuples and strings pickle and unpickle several
+# times faster than the dataclasses they stand for (each an object with a state dictionary).
 Packed = tuple[
     tuple[tuple[str, str], ...],
     bool,
@@ -220,7 +227,12 @@ def unpack(packed: Packed) -> Prepared:
 
 def packed_draft(packed: Packed) -> Draft:
     """The draft of a packed Prepared."""
-    return draft_of(packed[3:])
+    return draft_of((*packed[3:5], packed_date(packed), *packed[6:]))
+
+
+def packed_date(packed: Packed) -> str:
+    """The draft's date of a packed Prepared (ISO 8601, "" when missing or invalid)."""
+    return iso_date(packed[5])
 
 
 def kept_headers(packed: Packed) -> HeaderBlock:
