@@ -318,11 +318,11 @@ class MessageHandler:
         self, account: AccountConfig, folder: str, path: str, packed: Packed
     ) -> RowsStaged | QuickStaged | None:
         """:meth:`stage` and :meth:`request` of the usual message of a reconcile, from what a
-        worker packed (``Preparer.prepare_packed``): no rule's decision (no move, no flag, linked), and
-        not a copy of a message already in this folder. None for any other message: then
-        :meth:`stage` handles it. The same plan and request as there, without the steps that
-        do nothing for such a message (a few us per message of a reconcile's main process).
-        Most such messages are given as the rows to write and their status
+        worker packed (``Preparer.prepare_packed``): no rule's decision (no move, no flag,
+        linked), and not a copy of a message already in this folder. None for any other
+        message: then :meth:`stage` handles it. The same plan and request as there, without
+        the steps that do nothing for such a message (a few us per message of a reconcile's
+        main process). Most such messages are given as the rows to write and their status
         (``Linker.plan_rows``). Raises like :meth:`request`."""
         if packed[2] is not None:  # a rule or the self-sent rule decided something
             return None

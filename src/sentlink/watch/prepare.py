@@ -16,7 +16,7 @@ from sentlink.config.models import AccountConfig
 from sentlink.headers import FieldSelection, HeaderBlock, StrPath, read_headers
 from sentlink.linker import Draft, DraftFields, LinkFilter, draft_of, iso_date
 from sentlink.maildir.names import merge_flags
-from sentlink.model import Direction, Role
+from sentlink.model import Direction
 from sentlink.trace import TRACE_HEADER
 from sentlink.watch.dkim_proof import DkimPending, DkimVerifier
 from sentlink.watch.policy import WatchPolicy
@@ -203,20 +203,7 @@ class Preparer:
 # (``packed_date``). Of the two processes of a reconcile the worker is the busier one, and this
 # step (about 2 us) weighs the same in either. Tuples and strings pickle and unpickle several
 # times faster than the dataclasses they stand for (each an object with a state dictionary).
-Packed = tuple[
-    tuple[tuple[str, str], ...],
-    bool,
-    Decision | None,
-    str,
-    str,
-    str,
-    tuple[str, ...],
-    bool,
-    tuple[tuple[str, Role, str], ...],
-    str,
-    str,
-    tuple[int, ...],
-]
+Packed = tuple[tuple[tuple[str, str], ...], bool, Decision | None, *DraftFields]
 
 
 def unpack(packed: Packed) -> Prepared:
