@@ -143,3 +143,19 @@ def test_a_worker_killed_mid_reconcile_loses_nothing(
     assert any("worker process failed" in r.getMessage() for r in caplog.records)
     assert got == expected
     assert state(tmp_path / "two") == state(tmp_path / "one")
+
+
+def test_a_worker_that_cannot_start_leaves_the_reconcile_to_the_main_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    serial, parallel = twins(tmp_path, "")
+    expected = run(serial, SERIAL)
+
+    def cannot_start(self: PrepareWorker, *args: object) -> None:
+        raise OSError("no more processes")
+
+    monkeypatch.setattr(PrepareWorker, "__init__", cannot_start)
+    with caplog.at_level(logging.WARNING, logger="sentlink.watch"):
+        assert run(parallel, PARALLEL) == expected
+    assert any("no more processes" in r.getMessage() for r in caplog.records)
+    assert state(tmp_path / "two") == state(tmp_path / "one")

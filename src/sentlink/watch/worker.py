@@ -66,6 +66,10 @@ class PrepareWorker:
         )
         try:
             self._process.start()
+        except BaseException:
+            self._jobs.close()
+            self._results.close()
+            raise
         finally:
             job_reader.close()  # the worker's ends: this process keeps none of them open
             result_writer.close()
