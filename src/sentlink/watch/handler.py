@@ -334,6 +334,7 @@ class MessageHandler:
                 if known.folder == folder and known.uniq != uniq:
                     return None  # copies to reduce (_deduplicate)
         file = relative(path, account.maildir)
+        date = packed_date(packed)
         if not (packed[7] or packed[9]):  # neither private nor ambiguous
             participants = packed[8]
             candidates = [(participants[i][0], participants[i][1]) for i in packed[11]]
@@ -343,11 +344,11 @@ class MessageHandler:
                 uniq,
                 file,
                 direction,
-                (packed[3], packed[4], packed_date(packed), packed[6], packed[10], candidates),
+                (packed[3], packed[4], date, packed[6], packed[10], candidates),
             )
             if planned is not None:
                 return planned
-        draft = packed_draft(packed)
+        draft = packed_draft(packed, date)
         headers = kept_headers(packed)
         info, links, result = self._linker.plan(
             account, folder, uniq, file, headers, direction, draft

@@ -212,9 +212,11 @@ def unpack(packed: Packed) -> Prepared:
     return Prepared(kept_headers(packed), packed[2] or NO_RULE, packed_draft(packed))
 
 
-def packed_draft(packed: Packed) -> Draft:
-    """The draft of a packed Prepared."""
-    return draft_of((*packed[3:5], packed_date(packed), *packed[6:]))
+def packed_draft(packed: Packed, date: str | None = None) -> Draft:
+    """The draft of a packed Prepared; ``date``: its ``packed_date``, when known already."""
+    if date is None:
+        date = packed_date(packed)
+    return draft_of((*packed[3:5], date, *packed[6:]))
 
 
 def packed_date(packed: Packed) -> str:

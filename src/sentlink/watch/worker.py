@@ -36,7 +36,7 @@ log = logging.getLogger("sentlink.watch")
 # (/proc/sys/fs/pipe-max-size); where it cannot be set, the worker may wait for the reader.
 RESULTS_PIPE_BYTES = 1 << 20
 
-Job = tuple[int, Preparer | None, AccountConfig, str, list[str]]
+Job = tuple[int, Preparer | None, AccountConfig, str, list[str]]  # number, preparer, where, paths
 Answer = tuple[int, list[Packed | None] | None, str]  # job number, results or None, error
 
 
@@ -86,8 +86,9 @@ class PrepareWorker:
         """Send the job preparing ``paths``; its number, for :meth:`result`. Raises
         WorkerGone."""
         number = self._sent
+        job: Job = (number, preparer, account, folder, list(paths))
         try:
-            self._jobs.send((number, preparer, account, folder, list(paths)))
+            self._jobs.send(job)
         except (OSError, ValueError) as exc:  # closed, or the worker is gone (EPIPE)
             raise WorkerGone(f"cannot send a job: {exc}") from None
         self._sent += 1
@@ -129,9 +130,10 @@ def serve(jobs: Connection, results: Connection, preparer: Preparer | None, gc_g
         gc.set_threshold(gc_gen0, *gc.get_threshold()[1:])
     while True:
         try:
-            number, sent, account, folder, paths = jobs.recv()
+            job: Job = jobs.recv()
         except (EOFError, OSError):
             return  # closed by the main process, or it is gone
+        number, sent, account, folder, paths = job
         answer: Answer
         chosen = sent or preparer
         if chosen is None:
